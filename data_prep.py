@@ -149,9 +149,10 @@ def to_dapo_row(record: dict, path: str, i: int) -> dict:
             raise DataError(f"{path}: row {i}: field 'prompt' must be a chat list of "
                             "{role, content} messages")
         answer = require(record, "reward_model.ground_truth", path, i)
-        index = (record.get("extra_info") or {}).get("index", i)
-        return dapo_row(record.get("data_source", os.path.basename(path)),
-                        problem_from_prompt(prompt[-1]["content"]), str(answer), index)
+        row = dapo_row(record.get("data_source", os.path.basename(path)), "", str(answer), i)
+        row["prompt"] = [{"role": m.get("role", "user"), "content": m["content"]} for m in prompt]
+        row["extra_info"] |= record.get("extra_info") or {}  # kept verbatim, as published
+        return row
     problem = require(record, "problem", path, i)
     answer = require(record, "answer", path, i)
     index = record.get("id", record.get("ID", i))

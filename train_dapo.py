@@ -123,7 +123,7 @@ class Config:
     """gradient-norm clip (verl's DAPO script: 1.0)"""
     mini_batch_size: int = 128
     """responses per optimizer update; a step makes batch / mini_batch updates (paper: 512)"""
-    micro_batch_tokens: int = 8192
+    micro_batch_tokens: int = 4096
     """token budget of one forward/backward: responses are packed, without padding, up to it"""
 
     # ---- validation
@@ -160,6 +160,12 @@ def field_docs() -> dict[str, str]:
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
 
 
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return text.lower() in ("true", "1", "yes")
+    raise ValueError(text)
+
+
 def parse_config(argv: list[str]) -> Config:
     """Config from `--field value` overrides (after an optional `--preset name`)."""
     import argparse
@@ -167,11 +173,14 @@ def parse_config(argv: list[str]) -> Config:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of overrides, applied first")
     docs = field_docs()
     for f in dataclasses.fields(Config):
-        kind = {bool: lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]}.get(f.type, f.type)
+        kind = {bool: parse_bool}.get(f.type, f.type)
         parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"{docs.get(f.name, '')} [{f.default}]")
     args = vars(parser.parse_args(argv))
     overrides = PRESETS.get(args.pop("preset") or "", {}) | {k: v for k, v in args.items() if v is not None}
-    return resolve(Config(**overrides))
+    try:
+        return resolve(Config(**overrides))
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def resolve(cfg: Config) -> Config:
@@ -306,6 +315,7 @@ def make_rollout_engine(model_path: str, max_model_len: int, dtype: str, seed: i
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # it logs every weight reload otherwise
     threads = torch.get_num_threads()
     from vllm import LLM
     llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
@@ -451,24 +461,36 @@ def pack_micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def policy_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                    temperature: float, with_entropy: bool = False):
+                    temperature: float, with_entropy: bool = False, packed: bool | None = None):
     """Per-token log-probs (and entropy) of the responses under the policy: [B, T] padded.
 
-    The sequences are packed into one row with position ids restarting at 0, which
-    transformers turns into a block-diagonal causal mask (flash-attention varlen on
-    GPU): no padding is computed. Only response positions go through the LM head."""
-    input_ids, position_ids, targets = [], [], []
-    for p, r in zip(prompt_ids, response_ids):
-        start = len(input_ids)
-        input_ids += p + r
-        position_ids += range(len(p) + len(r))
-        # the token at position k is predicted by the hidden state at k - 1
-        targets += range(start + len(p) - 1, start + len(p) + len(r) - 1)
+    With flash-attention (GPU) the sequences are packed into one row, position ids
+    restarting at 0, which transformers runs as variable-length attention: no padding
+    is computed. Other attention kernels would need a dense [N, N] block mask for
+    that, slower than padding on CPU, so there each sequence is a right-padded row.
+    Only response positions go through the LM head."""
+    if packed is None:
+        packed = model.config._attn_implementation.startswith("flash_attention")
     device = next(model.parameters()).device
-    hidden = model.model(input_ids=torch.tensor([input_ids], device=device),
-                         position_ids=torch.tensor([position_ids], device=device)).last_hidden_state[0]
-    index = torch.tensor(targets, device=device)
-    logits = model.lm_head(hidden[index]).float() / temperature        # [N_resp, V]
+    seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+    width = sum(map(len, seqs)) if packed else max(map(len, seqs))
+    starts = np.cumsum([0] + [len(s) for s in seqs[:-1]]) if packed else np.arange(len(seqs)) * width
+    flat_ids = torch.full((len(seqs) * width if not packed else width,), 0, dtype=torch.long)
+    positions = torch.zeros_like(flat_ids)
+    targets = []  # the token at position k is predicted by the hidden state at k - 1
+    for s, seq, p, r in zip(starts, seqs, prompt_ids, response_ids):
+        flat_ids[s:s + len(seq)] = torch.tensor(seq)
+        positions[s:s + len(seq)] = torch.arange(len(seq))
+        targets += range(s + len(p) - 1, s + len(seq) - 1)
+    shape = (1, width) if packed else (len(seqs), width)
+    inputs = {"input_ids": flat_ids.view(shape).to(device), "position_ids": positions.view(shape).to(device)}
+    if not packed:
+        inputs["attention_mask"] = (positions.view(shape) > 0).to(device)
+        inputs["attention_mask"][:, 0] = True
+    # use_cache=False: with a KV cache transformers would ignore the packing
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)  # [rows * width, H]
+    logits = model.lm_head(hidden[torch.tensor(targets, device=device)])  # [N_resp, V]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # fp32 softmax under bf16
     log_probs = torch.log_softmax(logits, dim=-1)                      # [N_resp, V]
     labels = torch.tensor([t for r in response_ids for t in r], device=device)
     token_logprobs = log_probs.gather(-1, labels[:, None]).squeeze(-1) # [N_resp]
@@ -492,15 +514,15 @@ def compute_old_logprobs(cfg: Config, model, batch: dict) -> dict:
     """pi_old's log-probs, fixed for every update of this step; entropy and mean
     generation probability of the actor come from the same pass."""
     B, T = batch["mask"].shape
-    old = torch.zeros(B, T)
-    entropy_sum = 0.0
+    old, entropy_sum = None, 0.0
     for idx in micro_batches(cfg, batch, list(range(B))):
         lp, ent = policy_logprobs(model, [batch["prompt_ids"][i] for i in idx],
                                   [batch["response_ids"][i] for i in idx], cfg.temperature, with_entropy=True)
+        old = lp.new_zeros(B, T) if old is None else old
         old[idx, :lp.shape[1]] = lp
         entropy_sum += float(ent.sum())
     batch["old_logprobs"] = old
-    valid = torch.zeros(B, T)
+    valid = torch.zeros_like(old)
     for i, r in enumerate(batch["response_ids"]):
         valid[i, :len(r)] = 1.0
     vllm_lp = pad_rows(torch.tensor([x for r in batch["vllm_logprobs"] for x in r]), batch["response_ids"])
@@ -534,7 +556,7 @@ def update_policy(cfg: Config, model, optimizer, batch: dict, generator: torch.G
             tokens += int(sum(len(batch["prompt_ids"][i]) + len(batch["response_ids"][i]) for i in idx))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * (float(metrics["tokens"]) if k != "tokens" else 1)
-            sums["actor/pg_loss"] = sums.get("actor/pg_loss", 0.0) + float(loss)
+            sums["actor/pg_loss"] = sums.get("actor/pg_loss", 0.0) + loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         sums["actor/grad_norm"] = sums.get("actor/grad_norm", 0.0) + float(grad_norm)
         optimizer.step()
@@ -615,7 +637,7 @@ def plot_curves(run_dir: str) -> str:
         pts = [(r["step"], r[key]) for r in rows if key in r]
         ax.plot(*zip(*pts), marker="o" if key.startswith("val") else None, label=key.split("/")[-1])
         if key == "actor/clipfrac_high":
-            ax.plot([r["step"] for r in rows], [r["actor/clipfrac_low"] for r in rows], label="clipfrac_low")
+            ax.plot(*zip(*[(r["step"], r["actor/clipfrac_low"]) for r in rows if key in r]), label="clipfrac_low")
             ax.legend()
         ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)

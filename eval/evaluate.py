@@ -93,6 +93,42 @@ def write_report(result: dict, out_dir: str) -> None:
     plt.close(fig)
 
 
+def evaluate(args) -> dict:
+    """Load the model into vLLM, evaluate, write the report; the summary back."""
+    import data_prep
+    from train_dapo import make_rollout_engine
+    rows = data_prep.load_rows(args.data)
+    llm, tokenizer = make_rollout_engine(args.model, args.max_model_len or None, args.dtype, args.seed,
+                                         args.tensor_parallel_size)
+    t0 = time.time()
+    result = generate_and_score(llm, tokenizer, rows, args.n, args.temperature, args.top_p,
+                                args.max_tokens, args.seed, progress=True)
+    result["config"] = vars(args) | {"seconds": time.time() - t0}
+    write_report(result, args.out)
+    s = result["summary"]
+    print(f"{args.data}: avg@{args.n} {s[f'avg@{args.n}']:.4f} | pass@1 {s['pass@k'][1]:.4f} | "
+          f"pass@{args.n} {s['pass@k'][args.n]:.4f} | mean length {s['response_length']['mean']:.0f} | "
+          f"truncated {s['truncated_share']:.3f} | report in {args.out}", flush=True)
+    return s
+
+
+def submit(args) -> dict:
+    """Run `evaluate` as a job through Submitit: on Slurm where there is one, else locally."""
+    import submitit
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")  # the job imports us
+    executor = submitit.AutoExecutor(folder=os.path.join(args.out, "submitit"))
+    executor.update_parameters(name="dapo-eval", timeout_min=args.timeout_min, nodes=1, tasks_per_node=1,
+                               gpus_per_node=args.tensor_parallel_size if args.gpus else 0,
+                               cpus_per_task=args.cpus_per_task, slurm_partition=args.partition or None,
+                               slurm_account=args.account or None)
+    job = executor.submit(evaluate, args)
+    print(f"submitted job {job.job_id} ({executor.cluster}); logs in {os.path.join(args.out, 'submitit')}", flush=True)
+    summary = job.result()
+    print(f"job {job.job_id} done: avg@{args.n} {summary[f'avg@{args.n}']:.4f}")
+    return summary
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF-format model directory or hub name")
@@ -106,28 +142,27 @@ def main(argv=None):
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="report folder (default: eval_results/<model>-<data>)")
+    job = parser.add_argument_group("running as a job (Submitit: Slurm where present, else local)")
+    job.add_argument("--submit", action="store_true", help="run as a job and wait for it")
+    job.add_argument("--partition", default="", help="Slurm partition")
+    job.add_argument("--account", default="", help="Slurm account")
+    job.add_argument("--timeout-min", type=int, default=240)
+    job.add_argument("--cpus-per-task", type=int, default=8)
+    job.add_argument("--gpus", action="store_true", help="ask for --tensor-parallel-size GPUs")
     args = parser.parse_args(argv)
 
-    import data_prep
-    from train_dapo import make_rollout_engine
-    if os.path.isdir(args.model) is False and os.path.exists(args.model):
-        raise SystemExit(f"--model {args.model}: not a directory")
+    if os.path.exists(args.model) and not os.path.isdir(args.model):
+        parser.error(f"--model {args.model}: not a directory")
     if os.path.isdir(args.model) and not os.path.exists(os.path.join(args.model, "config.json")):
-        raise SystemExit(f"--model {args.model}: not a model directory (no config.json)")
-    rows = data_prep.load_rows(args.data)
-    llm, tokenizer = make_rollout_engine(args.model, args.max_model_len or None,
-                                         args.dtype, args.seed, args.tensor_parallel_size)
-    t0 = time.time()
-    result = generate_and_score(llm, tokenizer, rows, args.n, args.temperature, args.top_p,
-                                args.max_tokens, args.seed, progress=True)
-    result["config"] = vars(args) | {"seconds": time.time() - t0}
-    out = args.out or os.path.join("eval_results", f"{os.path.basename(args.model.rstrip('/'))}-"
-                                   f"{os.path.basename(args.data).replace(':', '-')}")
-    write_report(result, out)
-    s = result["summary"]
-    print(f"{args.data}: avg@{args.n} {s[f'avg@{args.n}']:.4f} | pass@1 {s['pass@k'][1]:.4f} | "
-          f"pass@{args.n} {s['pass@k'][args.n]:.4f} | mean length {s['response_length']['mean']:.0f} | "
-          f"truncated {s['truncated_share']:.3f} | report in {out}")
+        parser.error(f"--model {args.model}: not a model directory (no config.json)")
+    import data_prep
+    try:
+        data_prep.load_rows(args.data)  # fail here, before an engine starts or a job is queued
+    except data_prep.DataError as e:
+        parser.error(f"--data: {e}")
+    args.out = args.out or os.path.join("eval_results", f"{os.path.basename(args.model.rstrip('/'))}-"
+                                        f"{os.path.basename(args.data).replace(':', '-')}")
+    submit(args) if args.submit else evaluate(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from eval.evaluate import pass_at_k, summarize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def brute_force_pass_at_k(outcomes, k):
+    """Share of all k-subsets of the samples that contain a correct one."""
+    subsets = list(itertools.combinations(outcomes, k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n,c,k", [(n, c, k) for n in (1, 4, 7) for c in range(n + 1) for k in range(1, n + 1)])
+def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
+    assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k([True] * c + [False] * (n - c), k), abs=1e-12)
+
+
+def test_summary_of_known_outcomes():
+    acc = [[False] * 4, [True, False, False, False], [False, True, True, False], [True] * 4]
+    per_problem = [{"acc": a, "lengths": [10, 20, 30, 40], "truncated": [False, False, False, i == 3]}
+                   for i, a in enumerate(acc)]
+    s = summarize(per_problem, 4)
+    assert s["avg@4"] == 7 / 16
+    assert s["pass@k"][1] == pytest.approx(7 / 16)
+    assert s["pass@k"][2] == pytest.approx((0 + 1 / 2 + 5 / 6 + 1) / 4)
+    assert s["pass@k"][4] == pytest.approx(3 / 4)
+    assert s["response_length"] == {"mean": 25.0, "max": 40, "p50": 25.0}
+    assert s["truncated_share"] == 1 / 16
+
+
+def run_eval(*args):
+    env = os.environ | {"PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "eval.evaluate", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600)
+
+
+def test_evaluate_the_tiny_model_end_to_end(tiny_model_dir, tmp_path):
+    data = tmp_path / "val.jsonl"
+    data.write_text("\n".join(json.dumps({"id": i, "problem": f"What is {10 + i}+{20 + i}?", "answer": str(30 + 2 * i)})
+                              for i in range(12)))
+    out = tmp_path / "report"
+    proc = run_eval("--model", tiny_model_dir, "--data", str(data), "--n", "4", "--max-tokens", "32",
+                    "--top-p", "1.0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    per_problem = result["per_problem"]
+    assert len(per_problem) == 12 and all(len(p["acc"]) == 4 for p in per_problem)
+    assert result["summary"]["avg@4"] == pytest.approx(sum(map(sum, (p["acc"] for p in per_problem))) / 48)
+    assert result["summary"]["response_length"]["mean"] > 5   # it writes working, not nothing
+    assert (out / "pass_at_k.png").stat().st_size > 1000
+    assert len((out / "per_problem.tsv").read_text().splitlines()) == 13
+    assert "avg@4" in proc.stdout
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.mkdir(), "not a model directory"),
+    (lambda p: p.write_text("x"), "not a directory"),
+])
+def test_not_a_model_is_named(tmp_path, make, message):
+    target = tmp_path / "m"
+    make(target)
+    proc = run_eval("--model", str(target), "--data", "synthetic:val")
+    assert proc.returncode != 0 and message in proc.stderr and str(target) in proc.stderr
+
+
+def test_unknown_data_format_is_named(tiny_model_dir, tmp_path):
+    bad = tmp_path / "problems.csv"
+    bad.write_text("problem,answer\n")
+    proc = run_eval("--model", tiny_model_dir, "--data", str(bad))
+    assert proc.returncode != 0 and "unknown format" in proc.stderr and str(bad) in proc.stderr
+
+
+def test_evaluation_as_a_submitit_job(tiny_model_dir, tmp_path):
+    """No Slurm here, so Submitit's AutoExecutor runs the job locally: same code, same report."""
+    out = tmp_path / "report"
+    proc = run_eval("--model", tiny_model_dir, "--data", "synthetic:val", "--n", "2", "--max-tokens", "32",
+                    "--submit", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "submitted job" in proc.stdout and "done: avg@2" in proc.stdout
+    assert json.loads((out / "result.json").read_text())["summary"]["num_problems"] == 200

@@ -1,0 +1,128 @@
+"""The loss, advantages and overlong punishment against independent float64 references
+written as plain Python loops, on fresh random inputs."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from train_dapo import compute_advantages, compute_policy_loss, overlong_penalty
+
+
+def reference_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, mode, dual_clip_c=0.0):
+    """Float64, one token at a time, min-of-objectives form (the paper's formula)."""
+    per_seq, token_terms = [], []
+    for i in range(len(advantages)):
+        a = float(advantages[i])
+        terms = []
+        for t in range(len(mask[i])):
+            if mask[i][t] == 0:
+                continue
+            r = math.exp(min(max(float(logprobs[i][t]) - float(old_logprobs[i][t]), -20.0), 20.0))
+            objective = min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
+            if dual_clip_c and a < 0:
+                objective = max(objective, dual_clip_c * a)
+            terms.append(-objective)
+        token_terms += terms
+        if terms:
+            per_seq.append(sum(terms) / len(terms))
+    if mode == "token-mean":
+        return sum(token_terms) / len(token_terms)
+    return sum(per_seq) / len(per_seq)
+
+
+def random_batch(B=6, T=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    # log-ratios in [-1, 1]: ratios from 0.37 to 2.7, well past both clip bounds
+    new = old + (torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 1)
+    new[0, 0] = old[0, 0] + math.log(0.8)   # exactly at 1 - eps_low
+    new[0, 1] = old[0, 1] + math.log(1.28)  # exactly at 1 + eps_high
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    adv[1] = 0.0
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).double()
+    mask[2] = 0.0  # a fully masked response (overlong-filtered)
+    return new, old, adv, mask
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("eps", [(0.2, 0.28), (0.2, 0.2)])
+@pytest.mark.parametrize("dual_clip_c", [0.0, 3.0])
+def test_policy_loss_matches_reference(mode, seed, eps, dual_clip_c):
+    new, old, adv, mask = random_batch(seed=seed)
+    new.requires_grad_(True)
+    loss, _ = compute_policy_loss(new, old, adv, mask, *eps, loss_agg_mode=mode, dual_clip_c=dual_clip_c)
+    expected = reference_loss(new.tolist(), old.tolist(), adv.tolist(), mask.tolist(), *eps, mode, dual_clip_c)
+    assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+    # gradient against central finite differences of the reference
+    loss.backward()
+    h = 1e-6
+    for i, t in [(0, 2), (3, 0), (4, 1), (5, 0)]:
+        if mask[i, t] == 0:
+            continue
+        plus, minus = new.detach().clone(), new.detach().clone()
+        plus[i, t] += h
+        minus[i, t] -= h
+        fd = (reference_loss(plus.tolist(), old.tolist(), adv.tolist(), mask.tolist(), *eps, mode, dual_clip_c)
+              - reference_loss(minus.tolist(), old.tolist(), adv.tolist(), mask.tolist(), *eps, mode, dual_clip_c)) / (2 * h)
+        assert new.grad[i, t].item() == pytest.approx(fd, abs=1e-6)
+    assert torch.all(new.grad[mask == 0] == 0)
+
+
+def test_clip_fractions_count_active_clips():
+    new, old, adv, mask = random_batch(B=8, T=12, seed=7)
+    _, m = compute_policy_loss(new, old, adv, mask, 0.2, 0.28)
+    low = high = n = 0
+    for i in range(8):
+        for t in range(12):
+            if mask[i, t]:
+                r = math.exp(new[i, t] - old[i, t])
+                n += 1
+                low += r < 0.8 and adv[i] < 0
+                high += r > 1.28 and adv[i] > 0
+    assert m["actor/clipfrac_low"].item() == pytest.approx(low / n)
+    assert m["actor/clipfrac_high"].item() == pytest.approx(high / n)
+    assert low > 0 and high > 0
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_global_normalizer_makes_micro_batches_sum_to_the_batch(mode):
+    new, old, adv, mask = random_batch(B=10, T=7, seed=3)
+    full, _ = compute_policy_loss(new, old, adv, mask, 0.2, 0.28, mode)
+    norm = mask.sum() if mode == "token-mean" else (mask.sum(-1) > 0).sum()
+    parts = sum(compute_policy_loss(new[s], old[s], adv[s], mask[s], 0.2, 0.28, mode, normalizer=norm)[0]
+                for s in (slice(0, 3), slice(3, 4), slice(4, 10)))
+    assert parts.item() == pytest.approx(full.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_advantages_match_numpy(seed):
+    rng = np.random.default_rng(seed)
+    rewards = rng.choice([-1.0, 1.0], size=(7, 8)) + rng.uniform(-0.5, 0, size=(7, 8)) * (rng.random((7, 8)) < 0.3)
+    rewards[0] = 1.0    # all correct
+    rewards[1] = -1.0   # all wrong
+    got = compute_advantages(torch.tensor(rewards)).numpy()
+    for g in range(7):
+        r = rewards[g]
+        expected = [(x - np.mean(r)) / (np.std(r, ddof=1) + 1e-6) for x in r]
+        np.testing.assert_allclose(got[g], expected, rtol=1e-10, atol=1e-12)
+    assert np.all(got[:2] == 0)
+
+
+def test_overlong_penalty_at_the_boundaries():
+    max_len, cache = 20480, 4096
+    expected_len = max_len - cache
+    lengths = [0, expected_len - 1, expected_len, expected_len + 1, expected_len + 2048, max_len - 1, max_len, max_len + 1]
+    got = overlong_penalty(lengths, max_len, cache).tolist()
+
+    def reference(n):
+        if n <= expected_len:
+            return 0.0
+        if n <= max_len:
+            return ((max_len - cache) - n) / cache
+        return -1.0
+    assert got == pytest.approx([reference(n) for n in lengths], abs=1e-15)
+    assert got[3] == pytest.approx(-1 / 4096) and got[4] == pytest.approx(-0.5) and got[6] == -1.0

@@ -1,0 +1,76 @@
+"""The packed, padding-free log-prob path and the update's micro-batching, on a random tiny Qwen2."""
+import copy
+
+import pytest
+import torch
+
+from demo.base_model import build_model, build_tokenizer
+from train_dapo import Config, compute_old_logprobs, pack_micro_batches, policy_logprobs, resolve, update_policy
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_model(build_tokenizer(), hidden=64, layers=2, seed=1)
+    m.config._attn_implementation = "sdpa"
+    return m.double()
+
+
+def random_sequences(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 40, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    responses = [torch.randint(3, 40, (int(torch.randint(1, 15, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return prompts, responses
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_batched_logprobs_equal_one_sequence_at_a_time(model, packed):
+    prompts, responses = random_sequences(7, seed=0)
+    with torch.no_grad():
+        packed, entropy = policy_logprobs(model, prompts, responses, temperature=0.7, with_entropy=True, packed=packed)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:-1] / 0.7
+            logp = torch.log_softmax(logits, -1)
+            expected = logp.gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
+            torch.testing.assert_close(packed[i, :len(r)], expected, rtol=0, atol=1e-10)
+            torch.testing.assert_close(entropy[i, :len(r)], -(logp.exp() * logp).sum(-1), rtol=0, atol=1e-10)
+            assert torch.all(packed[i, len(r):] == 0)
+
+
+def test_pack_micro_batches_respects_the_budget():
+    lengths = [5, 9, 3, 12, 1, 1, 7]
+    groups = pack_micro_batches(lengths, budget=12)
+    assert [i for g in groups for i in g] == list(range(7))
+    assert all(sum(lengths[i] for i in g) <= 12 for g in groups)
+    assert groups == [[0], [1, 2], [3], [4, 5, 6]]
+
+
+def make_batch(mode_seed=0, n=12):
+    prompts, responses = random_sequences(n, seed=10 + mode_seed)
+    g = torch.Generator().manual_seed(mode_seed)
+    T = max(len(r) for r in responses)
+    mask = torch.zeros(n, T)
+    for i, r in enumerate(responses):
+        mask[i, :len(r)] = 1.0
+    mask[3] = 0.0  # an overlong-filtered response
+    return {"prompt_ids": prompts, "response_ids": responses, "vllm_logprobs": [[-1.0] * len(r) for r in responses],
+            "advantages": torch.randn(n, generator=g, dtype=torch.float64), "mask": mask.double()}
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batch_split_does_not_change_the_update(model, mode):
+    """SGD with lr 1 turns each parameter's change into minus its gradient."""
+    deltas = []
+    for budget in (32, 80, 10_000):
+        cfg = resolve(Config(mini_batch_size=12, prompts_per_step=3, group_size=4, micro_batch_tokens=budget,
+                             max_prompt_len=12, max_response_len=16, overlong_cache_len=4, grad_clip=1e9,
+                             loss_agg_mode=mode, run_dir="unused"))
+        m = copy.deepcopy(model)
+        batch = make_batch()
+        compute_old_logprobs(cfg, m, batch)
+        batch["old_logprobs"] = batch["old_logprobs"].double() - 0.3 * batch["mask"]  # ratios away from 1: clipping active
+        before = [p.detach().clone() for p in m.parameters()]
+        update_policy(cfg, m, torch.optim.SGD(m.parameters(), lr=1.0), batch, torch.Generator().manual_seed(0))
+        deltas.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(m.parameters(), before)]))
+    assert deltas[0].abs().max() > 1e-4
+    torch.testing.assert_close(deltas[0], deltas[2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(deltas[1], deltas[2], rtol=0, atol=1e-12)
