@@ -53,7 +53,7 @@ class Config:
     """where logs, the resolved config, plots and the final checkpoint go (default: runs/<time>)"""
     seed: int = 0
     """seeds the prompt order, vLLM sampling and torch"""
-    total_steps: int = 100
+    total_steps: int = 250
     """rollout steps (each: generate, score, update the policy, sync weights)"""
     wandb_mode: str = "offline"
     """wandb: online, offline (sync later with `wandb sync`) or disabled"""
@@ -129,7 +129,7 @@ class Config:
     # ---- validation
     val_every: int = 10
     """validate every this many rollout steps (and before the first and after the last)"""
-    val_samples: int = 4
+    val_samples: int = 8
     """samples per held-out problem (paper: 32, avg@32)"""
     val_temperature: float = 1.0
     """validation sampling temperature (paper: 1.0)"""

@@ -115,12 +115,17 @@ def pretrain(model, tokenizer, rows, steps: int, noise: float, batch_size: int =
             print(f"pretrain step {step:5d} | loss {loss.item():.4f} | {time.time() - t0:.0f}s", flush=True)
 
 
-def ensure_base_model(out_dir: str, steps: int = 1500, noise: float = 0.5, seed: int = 0,
+def ensure_base_model(out_dir: str, steps: int = 2000, noise: float = 0.25, seed: int = 0,
                       hidden: int = 128, layers: int = 2) -> str:
     """Build and pre-train the base model unless `out_dir` already holds one. Written
     aside and renamed into place, so an interrupted build is never mistaken for a model."""
-    if os.path.exists(os.path.join(out_dir, "base_model.json")):
-        return out_dir
+    recipe = {"steps": steps, "noise": noise, "seed": seed, "hidden": hidden, "layers": layers}
+    marker = os.path.join(out_dir, "base_model.json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == recipe:
+                return out_dir
+        print(f"{out_dir} was built with another recipe: rebuilding", flush=True)
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, hidden, layers, seed)
@@ -132,7 +137,7 @@ def ensure_base_model(out_dir: str, steps: int = 1500, noise: float = 0.5, seed:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "base_model.json"), "w") as f:
-        json.dump({"steps": steps, "noise": noise, "seed": seed, "hidden": hidden, "layers": layers}, f)
+        json.dump(recipe, f)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
@@ -141,8 +146,8 @@ def ensure_base_model(out_dir: str, steps: int = 1500, noise: float = 0.5, seed:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=".cache/base-model")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--noise", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--noise", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(ensure_base_model(args.out, args.steps, args.noise, args.seed))
