@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -499,13 +500,54 @@ def policy_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[
         inputs["attention_mask"][:, 0] = True
     # use_cache=False: with a KV cache transformers would ignore the packing
     hidden = model.model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)  # [rows * width, H]
-    logits = model.lm_head(hidden[torch.tensor(targets, device=device)])  # [N_resp, V]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # fp32 softmax under bf16
-    log_probs = torch.log_softmax(logits, dim=-1)                      # [N_resp, V]
     labels = torch.tensor([t for r in response_ids for t in r], device=device)
-    token_logprobs = log_probs.gather(-1, labels[:, None]).squeeze(-1) # [N_resp]
-    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    token_logprobs, entropy = ChunkedLogProbs.apply(hidden[torch.tensor(targets, device=device)],
+                                                    model.lm_head.weight, labels, temperature, LOGITS_CHUNK)
     return pad_rows(token_logprobs, response_ids), (pad_rows(entropy, response_ids) if with_entropy else None)
+
+
+LOGITS_CHUNK = 512  # rows of [tokens x vocab] logits alive at once: 311 MB at Qwen's 151,936 vocab in fp32
+
+
+class ChunkedLogProbs(torch.autograd.Function):
+    """log p(label) and the entropy at each hidden state under the LM head, without a
+    [tokens x vocab] logits tensor: forward and backward walk `chunk` rows at a time and
+    backward recomputes each chunk's logits (Liger's fused-linear idea, kept separate
+    from the loss so the old log-probs, the entropy and the loss share one path).
+    hidden [N, H], weight [V, H], labels [N] -> logprobs [N], entropy [N] (fp32; no grad)."""
+
+    @staticmethod
+    def chunk_logits(hidden, weight, temperature):
+        logits = hidden @ weight.T                                     # [chunk, V]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # fp32 under bf16
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, chunk):
+        logprobs = hidden.new_empty(len(labels), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        entropy = torch.empty_like(logprobs)
+        for s in range(0, len(labels), chunk):
+            log_p = torch.log_softmax(ChunkedLogProbs.chunk_logits(hidden[s:s + chunk], weight, temperature), -1)
+            logprobs[s:s + chunk] = log_p.gather(-1, labels[s:s + chunk, None]).squeeze(-1)
+            entropy[s:s + chunk] = -(log_p.exp() * log_p).sum(-1)
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, _grad_entropy):
+        hidden, weight, labels = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=grad_logprobs.dtype)
+        for s in range(0, len(labels), ctx.chunk):
+            h, g = hidden[s:s + ctx.chunk], grad_logprobs[s:s + ctx.chunk]
+            # d log p(y) / d logits = onehot(y) - softmax
+            grad_logits = -torch.softmax(ChunkedLogProbs.chunk_logits(h, weight, ctx.temperature), -1) * g[:, None]
+            grad_logits[torch.arange(len(g)), labels[s:s + ctx.chunk]] += g
+            grad_logits /= ctx.temperature                             # [chunk, V]
+            grad_hidden[s:s + ctx.chunk] = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)
+            grad_weight += grad_logits.T @ h.to(grad_logits.dtype)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
 def pad_rows(flat: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
@@ -550,7 +592,7 @@ def update_policy(cfg: Config, model, optimizer, batch: dict, generator: torch.G
     micro-batches never changes the gradient."""
     B = batch["mask"].shape[0]
     order = torch.randperm(B, generator=generator).tolist()
-    sums, updates, tokens = {}, 0, 0
+    stats, updates = defaultdict(float), 0
     for start in range(0, B, cfg.mini_batch_size):
         mini = order[start:start + cfg.mini_batch_size]
         mask = batch["mask"][mini]
@@ -563,20 +605,22 @@ def update_policy(cfg: Config, model, optimizer, batch: dict, generator: torch.G
                 logprobs, batch["old_logprobs"][idx, :T], batch["advantages"][idx], batch["mask"][idx, :T],
                 cfg.eps_low, cfg.eps_high, cfg.loss_agg_mode, normalizer.clamp(min=1), cfg.dual_clip_c)
             loss.backward()
-            tokens += int(sum(len(batch["prompt_ids"][i]) + len(batch["response_ids"][i]) for i in idx))
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * (float(metrics["tokens"]) if k != "tokens" else 1)
-            sums["actor/pg_loss"] = sums.get("actor/pg_loss", 0.0) + loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        sums["actor/grad_norm"] = sums.get("actor/grad_norm", 0.0) + float(grad_norm)
+            valid = float(metrics.pop("tokens"))
+            for k, v in metrics.items():  # token-weighted, so they average over the whole step
+                stats[k] += float(v) * valid
+            stats["valid_tokens"] += valid
+            stats["actor/pg_loss"] += loss.item()
+            stats["update_tokens"] += sum(len(batch["prompt_ids"][i]) + len(batch["response_ids"][i]) for i in idx)
+        stats["actor/grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         updates += 1
-    n_tok = max(sums.pop("tokens"), 1)
-    out = {k: v / n_tok for k, v in sums.items() if k.startswith("actor/clipfrac") or k == "actor/approx_kl"}
-    out |= {"actor/pg_loss": sums["actor/pg_loss"] / updates, "actor/grad_norm": sums["actor/grad_norm"] / updates,
-            "actor/updates": updates, "update_tokens": tokens}
-    return out
+    valid = max(stats.pop("valid_tokens"), 1.0)
+    return {"actor/clipfrac_low": stats["actor/clipfrac_low"] / valid,
+            "actor/clipfrac_high": stats["actor/clipfrac_high"] / valid,
+            "actor/approx_kl": stats["actor/approx_kl"] / valid,
+            "actor/pg_loss": stats["actor/pg_loss"] / updates, "actor/grad_norm": stats["actor/grad_norm"] / updates,
+            "actor/updates": updates, "update_tokens": int(stats["update_tokens"])}
 
 
 # =============================================================================== Validation

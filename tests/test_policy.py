@@ -74,3 +74,29 @@ def test_micro_batch_split_does_not_change_the_update(model, mode):
     assert deltas[0].abs().max() > 1e-4
     torch.testing.assert_close(deltas[0], deltas[2], rtol=0, atol=1e-12)
     torch.testing.assert_close(deltas[1], deltas[2], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_chunked_logprobs_equal_full_logits_in_value_and_gradient(chunk, temperature):
+    from train_dapo import ChunkedLogProbs
+    g = torch.Generator().manual_seed(chunk)
+    hidden = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(97, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 97, (50,), generator=g)
+    upstream = torch.randn(50, generator=g, dtype=torch.float64)
+
+    logprobs, entropy = ChunkedLogProbs.apply(hidden, weight, labels, temperature, chunk)
+    (logprobs * upstream).sum().backward()
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    log_p = torch.log_softmax(hidden @ weight.T / temperature, -1)  # the [N, V] tensor the chunked path avoids
+    expected = log_p[torch.arange(50), labels]
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(entropy, -(log_p.exp() * log_p).sum(-1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[0], hidden.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1], weight.grad, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda h, w: ChunkedLogProbs.apply(h, w, labels, temperature, chunk)[0],
+                                    (hidden.detach().requires_grad_(), weight.detach().requires_grad_()))
