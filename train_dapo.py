@@ -129,6 +129,8 @@ class Config:
     """gradient-norm clip (verl's DAPO script: 1.0)"""
     mini_batch_size: int = 128
     """responses per optimizer update; a step makes batch / mini_batch updates (paper: 512)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward: less memory for long responses, ~30% more compute"""
     micro_batch_tokens: int = 4096
     """token budget of one forward/backward: responses are packed, without padding, up to it"""
 
@@ -153,7 +155,7 @@ PRESETS = {
     "paper": dict(max_prompt_len=2048, max_response_len=20480, overlong_cache_len=4096,
                   prompts_per_step=512, group_size=16, gen_prompts_per_round=1536, max_gen_rounds=10,
                   dtype="bfloat16", tensor_parallel_size=8, lr=1e-6, warmup_steps=20,
-                  mini_batch_size=512, micro_batch_tokens=24576, dual_clip_c=10.0,
+                  mini_batch_size=512, micro_batch_tokens=24576, dual_clip_c=10.0, gradient_checkpointing=True,
                   val_every=5, val_samples=32, val_top_p=0.7, total_steps=400),
 }
 
@@ -304,7 +306,20 @@ def build_or_load_policy(cfg: Config):
     if not path:
         from demo.base_model import ensure_base_model
         path = ensure_base_model(cfg.base_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    cuda = torch.cuda.is_available()
+    # CUDA-only, and only here: flash-attention 2 (packed variable-length sequences, see
+    # policy_logprobs) and Liger's Triton kernels for RMSNorm, SwiGLU and RoPE. Neither
+    # runs on CPU, where sdpa and the plain modules do the same math.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation="flash_attention_2" if cuda else "sdpa")
+    if cuda:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        _apply_liger_kernel_to_instance(model=model, rms_norm=True, swiglu=True, rope=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+        model.cuda()
+    if cfg.gradient_checkpointing:  # recompute each block's activations in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, path
 
@@ -577,7 +592,8 @@ def compute_old_logprobs(cfg: Config, model, batch: dict) -> dict:
     valid = torch.zeros_like(old)
     for i, r in enumerate(batch["response_ids"]):
         valid[i, :len(r)] = 1.0
-    vllm_lp = pad_rows(torch.tensor([x for r in batch["vllm_logprobs"] for x in r]), batch["response_ids"])
+    vllm_lp = pad_rows(torch.tensor([x for r in batch["vllm_logprobs"] for x in r], device=old.device),
+                       batch["response_ids"])
     n = valid.sum()
     return {"actor/entropy": entropy_sum / float(n),
             "actor/gen_prob_mean": float((old.exp() * valid).sum() / n),
@@ -653,6 +669,8 @@ def train_step(cfg: Config, step: int, llm, model, optimizer, scheduler, sampler
     t1 = time.time()
     batch = flatten_batch(cfg, rows, responses)
     metrics |= rollout_metrics(cfg, all_groups, batch)
+    device = next(model.parameters()).device
+    batch["advantages"], batch["mask"] = batch["advantages"].to(device), batch["mask"].to(device)
     metrics |= compute_old_logprobs(cfg, model, batch)
     t2 = time.time()
     metrics |= update_policy(cfg, model, optimizer, batch, generator)

@@ -57,14 +57,17 @@ def make_batch(mode_seed=0, n=12):
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
-def test_micro_batch_split_does_not_change_the_update(model, mode):
+def test_micro_batch_split_and_checkpointing_do_not_change_the_update(model, mode):
     """SGD with lr 1 turns each parameter's change into minus its gradient."""
     deltas = []
-    for budget in (32, 80, 10_000):
+    for budget, checkpointing in ((32, False), (80, False), (10_000, False), (80, True)):
         cfg = resolve(Config(mini_batch_size=12, prompts_per_step=3, group_size=4, micro_batch_tokens=budget,
                              max_prompt_len=12, max_response_len=16, overlong_cache_len=4, grad_clip=1e9,
                              loss_agg_mode=mode, run_dir="unused"))
         m = copy.deepcopy(model)
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.train()
         batch = make_batch()
         compute_old_logprobs(cfg, m, batch)
         batch["old_logprobs"] = batch["old_logprobs"].double() - 0.3 * batch["mask"]  # ratios away from 1: clipping active
@@ -74,6 +77,7 @@ def test_micro_batch_split_does_not_change_the_update(model, mode):
     assert deltas[0].abs().max() > 1e-4
     torch.testing.assert_close(deltas[0], deltas[2], rtol=0, atol=1e-12)
     torch.testing.assert_close(deltas[1], deltas[2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(deltas[3], deltas[1], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
