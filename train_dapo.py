@@ -32,6 +32,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -750,15 +751,20 @@ def train(cfg: Config):
         print(f"step    0 | val acc {first['val/acc']:.3f} (base model)", flush=True)
         run.log(first, step=0)
         log_file.write(json.dumps({"step": 0, **first}) + "\n")
-    t_start = time.time()
+    t_start, preemption = time.time(), PreemptionWatch()
     for step in range(start_step + 1, cfg.total_steps + 1):
         metrics = train_step(cfg, step, llm, model, optimizer, scheduler, sampler, generator)
         if val_rows and (step % cfg.val_every == 0 or step == cfg.total_steps):
             metrics |= validate(cfg, llm, tokenizer, val_rows)
         metrics["time/elapsed"] = time.time() - t_start
         log_step(run, log_file, step, metrics)
-        if step % cfg.save_every == 0 or step == cfg.total_steps:
+        if step % cfg.save_every == 0 or step == cfg.total_steps or preemption.requested:
             save_checkpoint(cfg, step, model, optimizer, scheduler, sampler, generator)
+        if preemption.requested:
+            log_file.close()
+            run.finish()
+            print(f"preempted: checkpoint of step {step} written; the same command resumes it", flush=True)
+            preemption.hand_over()
     save_hf(model, tokenizer, os.path.join(cfg.run_dir, "final"))
     log_file.close()
     run.finish()
@@ -772,6 +778,32 @@ def train(cfg: Config):
 # Fields a resumed run may change; any other difference from the checkpoint's config is refused.
 RESUMABLE_FIELDS = {"run_dir", "total_steps", "wandb_mode", "save_every", "keep_checkpoints",
                     "val_every", "val_samples", "val_max_problems"}
+
+
+EXIT_PREEMPTED = 3  # exit status of a run stopped by USR2 after checkpointing: restart it to resume
+
+
+class PreemptionWatch:
+    """Slurm warns a job with SIGUSR2 before preempting it or at its time limit
+    (`--signal=USR2@<seconds>`). The handler only takes note: the loop writes a
+    checkpoint at the next step boundary, where the state is consistent, then hands
+    the signal to whoever handled it before (Submitit: requeue the job) and exits."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            self.previous = signal.signal(signal.SIGUSR2, self.note)
+        except ValueError:  # not the main thread: no signals to watch
+            self.previous = None
+
+    def note(self, signum, frame):
+        self.requested = True
+
+    def hand_over(self):
+        signal.signal(signal.SIGUSR2, self.previous or signal.SIG_DFL)
+        if callable(self.previous):
+            self.previous(signal.SIGUSR2, None)
+        raise SystemExit(EXIT_PREEMPTED)
 
 
 def checkpoint_dirs(run_dir: str) -> list[str]:
@@ -789,6 +821,8 @@ def save_checkpoint(cfg: Config, step: int, model, optimizer, scheduler, sampler
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     path = os.path.join(cfg.run_dir, "checkpoints", f"step-{step}")
+    if os.path.exists(path):  # already complete (written before a preemption cut the run short)
+        return path
     tmp = path + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     model_state, optim_state = get_state_dict(model, optimizer)
