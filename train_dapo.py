@@ -443,7 +443,9 @@ def collect_batch(cfg: Config, llm, sampler: PromptSampler, step: int):
                 "nearly all or nearly none of them: raise --max_gen_rounds or --gen_prompts_per_round, "
                 "change the data's difficulty, or run with --dynamic_sampling false.")
         round_rows = sampler.next(cfg.gen_prompts_per_round)
-        round_out = generate(llm, cfg, round_rows, seed=cfg.seed * 10**9 + step * 10**6 + rounds * 10**4)
+        # every (run seed, step, round, prompt, sample) draws from its own seed: reproducible, resumable
+        first_seed = ((cfg.seed * 10**6 + step) * cfg.max_gen_rounds + rounds) * len(round_rows) * cfg.group_size
+        round_out = generate(llm, cfg, round_rows, seed=first_seed)
         score_responses(cfg, round_rows, round_out)
         rounds, generated = rounds + 1, generated + len(round_rows)
         all_groups += round_out
