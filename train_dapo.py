@@ -23,6 +23,7 @@ process. The paper's Qwen2.5-32B recipe is `--preset paper`.
     python train_dapo.py --preset grpo                    # naive GRPO baseline, same budget
     python train_dapo.py --preset paper --model_path Qwen/Qwen2.5-32B \\
         --train_data dapo-math.jsonl --val_data aime24.jsonl        # one GPU node, paper recipe
+    python train_dapo.py --submit true --slurm_partition gpu ...    # the same, as a Submitit job
 """
 import ast
 import dataclasses
@@ -66,6 +67,20 @@ class Config:
     """write a resumable checkpoint (run_dir/checkpoints/step-N) every this many steps, and at the end"""
     keep_checkpoints: int = 2
     """keep this many newest checkpoints; a run restarted in the same run_dir resumes from the newest"""
+
+    # ---- launch (Submitit: Slurm where present, else a local process)
+    submit: bool = False
+    """run as a Submitit job instead of in this process; preemption requeues it"""
+    slurm_partition: str = ""
+    """Slurm partition (empty: the cluster's default)"""
+    slurm_account: str = ""
+    """Slurm account (empty: none)"""
+    slurm_time_min: int = 240
+    """job time limit in minutes; Slurm warns with USR2 two minutes before it"""
+    slurm_gpus_per_node: int = 0
+    """GPUs per node"""
+    slurm_cpus_per_task: int = 2
+    """CPU cores for the job"""
 
     # ---- model and data
     model_path: str = ""
@@ -779,7 +794,8 @@ def train(cfg: Config):
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is refused.
 RESUMABLE_FIELDS = {"run_dir", "total_steps", "wandb_mode", "save_every", "keep_checkpoints",
-                    "val_every", "val_samples", "val_max_problems"}
+                    "val_every", "val_samples", "val_max_problems", "submit", "slurm_partition", "slurm_account",
+                    "slurm_time_min", "slurm_gpus_per_node", "slurm_cpus_per_task"}
 
 
 EXIT_PREEMPTED = 3  # exit status of a run stopped by USR2 after checkpointing: restart it to resume
@@ -883,6 +899,43 @@ def save_hf(model, tokenizer, out_dir: str) -> None:
 
 
 
+# =============================================================================== Launch
+
+class Job:
+    """What Submitit runs: the training run, and after a preemption (USR2) the same run
+    again, which resumes from the checkpoint PreemptionWatch wrote."""
+
+    def __call__(self, cfg: Config) -> str:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        train(cfg)
+        return os.path.join(cfg.run_dir, "final")
+
+    def checkpoint(self, cfg: Config):
+        import submitit
+        return submitit.helpers.DelayedSubmission(Job(), cfg)
+
+
+def submit(cfg: Config) -> str:
+    import submitit
+    root = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")  # the job imports this file
+    executor = submitit.AutoExecutor(folder=os.path.join(cfg.run_dir, "submitit"))
+    executor.update_parameters(
+        name="dapo", nodes=1, tasks_per_node=1, timeout_min=cfg.slurm_time_min, cpus_per_task=cfg.slurm_cpus_per_task,
+        gpus_per_node=cfg.slurm_gpus_per_node, slurm_partition=cfg.slurm_partition or None,
+        slurm_account=cfg.slurm_account or None, slurm_signal_delay_s=120)
+    cfg.submit, cfg.run_dir = False, os.path.abspath(cfg.run_dir)
+    job = executor.submit(Job(), cfg)
+    print(f"submitted job {job.job_id} ({executor.cluster}); its logs: {job.paths.stdout}", flush=True)
+    final = job.result()
+    print(f"job {job.job_id} done: {final}", flush=True)
+    return final
+
+
 if __name__ == "__main__":
-    torch.set_num_threads(os.cpu_count() or 1)
-    train(parse_config(sys.argv[1:]))
+    cfg = parse_config(sys.argv[1:])
+    if cfg.submit:
+        submit(cfg)
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+        train(cfg)
