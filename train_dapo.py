@@ -198,7 +198,7 @@ def parse_config(argv: list[str]) -> Config:
     docs = field_docs()
     for f in dataclasses.fields(Config):
         kind = {bool: parse_bool}.get(f.type, f.type)
-        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"{docs.get(f.name, '')} [{f.default}]")
+        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"{docs.get(f.name, '')} [{f.default}]".replace("%", "%%"))
     args = vars(parser.parse_args(argv))
     overrides = PRESETS.get(args.pop("preset") or "", {}) | {k: v for k, v in args.items() if v is not None}
     try:

@@ -85,6 +85,14 @@ def test_the_script_runs_from_the_command_line(tiny_model_dir, tmp_path):
         assert (tmp_path / "final" / name).exists()
 
 
+def test_help_lists_every_field_with_its_docstring():
+    proc = subprocess.run([sys.executable, "train_dapo.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "clip-higher: upper clip 1 + eps_high" in proc.stdout and "--preset {grpo,paper}" in proc.stdout
+    assert proc.stdout.count("\n  --") >= 40
+
+
 def test_bad_flag_is_named(tmp_path):
     proc = subprocess.run([sys.executable, "train_dapo.py", "--loss_agg_mode", "seq-sum", "--run_dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
