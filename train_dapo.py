@@ -737,8 +737,8 @@ def resume(cfg: Config, llm, model, optimizer, scheduler, sampler, generator) ->
     sync_weights(llm, model)
     log_path = os.path.join(cfg.run_dir, "metrics.jsonl")
     if os.path.exists(log_path):
-        with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(log_path) as f:  # a line cut short by a kill fails to parse: dropped with the rest
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
         with open(log_path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)

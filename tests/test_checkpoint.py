@@ -32,7 +32,8 @@ def step_metrics(run_dir):
 def test_resumed_run_logs_exactly_what_an_uninterrupted_one_does(tiny_model_dir, tmp_path):
     train(run_config(tiny_model_dir, tmp_path / "straight", total_steps=4))
     train(run_config(tiny_model_dir, tmp_path / "resumed", total_steps=2))       # "preempted" after step 2
-    (tmp_path / "resumed" / "metrics.jsonl").open("a").write(json.dumps({"step": 3, "lost": 1}) + "\n")
+    with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:    # a step logged after the checkpoint,
+        f.write(json.dumps({"step": 3, "lost": 1}) + "\n" + '{"step": 4, "los')  # and a line cut by a kill
     train(run_config(tiny_model_dir, tmp_path / "resumed", total_steps=4))       # requeued: resumes at 3
     straight, resumed = step_metrics(tmp_path / "straight"), step_metrics(tmp_path / "resumed")
     assert sorted(resumed) == sorted(straight) == [0, 1, 2, 3, 4]
