@@ -519,14 +519,14 @@ def policy_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[
     seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
     width = sum(map(len, seqs)) if packed else max(map(len, seqs))
     starts = np.cumsum([0] + [len(s) for s in seqs[:-1]]) if packed else np.arange(len(seqs)) * width
-    flat_ids = torch.full((len(seqs) * width if not packed else width,), 0, dtype=torch.long)
+    shape = (1, width) if packed else (len(seqs), width)
+    flat_ids = torch.zeros(shape[0] * width, dtype=torch.long)
     positions = torch.zeros_like(flat_ids)
     targets = []  # the token at position k is predicted by the hidden state at k - 1
     for s, seq, p, r in zip(starts, seqs, prompt_ids, response_ids):
         flat_ids[s:s + len(seq)] = torch.tensor(seq)
         positions[s:s + len(seq)] = torch.arange(len(seq))
         targets += range(s + len(p) - 1, s + len(seq) - 1)
-    shape = (1, width) if packed else (len(seqs), width)
     inputs = {"input_ids": flat_ids.view(shape).to(device), "position_ids": positions.view(shape).to(device)}
     if not packed:
         inputs["attention_mask"] = (positions.view(shape) > 0).to(device)
@@ -915,19 +915,26 @@ class Job:
         return submitit.helpers.DelayedSubmission(Job(), cfg)
 
 
-def submit(cfg: Config) -> str:
+def submit_job(fn, arg, folder: str, name: str, **parameters):
+    """Run fn(arg) as a Submitit job (Slurm where present, else a local process) and wait
+    for it; the trainer and eval/evaluate.py both launch this way. Returns (job, result)."""
     import submitit
     root = os.path.dirname(os.path.abspath(__file__))
-    os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")  # the job imports this file
-    executor = submitit.AutoExecutor(folder=os.path.join(cfg.run_dir, "submitit"))
-    executor.update_parameters(
-        name="dapo", nodes=1, tasks_per_node=1, timeout_min=cfg.slurm_time_min, cpus_per_task=cfg.slurm_cpus_per_task,
-        gpus_per_node=cfg.slurm_gpus_per_node, slurm_partition=cfg.slurm_partition or None,
-        slurm_account=cfg.slurm_account or None, slurm_signal_delay_s=120)
-    cfg.submit, cfg.run_dir = False, os.path.abspath(cfg.run_dir)
-    job = executor.submit(Job(), cfg)
+    os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")  # the job imports this repo
+    executor = submitit.AutoExecutor(folder=folder)
+    executor.update_parameters(name=name, nodes=1, tasks_per_node=1, **parameters)
+    job = executor.submit(fn, arg)
     print(f"submitted job {job.job_id} ({executor.cluster}); its logs: {job.paths.stdout}", flush=True)
-    final = job.result()
+    return job, job.result()
+
+
+def submit(cfg: Config) -> str:
+    cfg.submit, cfg.run_dir = False, os.path.abspath(cfg.run_dir)
+    job, final = submit_job(
+        Job(), cfg, os.path.join(cfg.run_dir, "submitit"), "dapo", timeout_min=cfg.slurm_time_min,
+        cpus_per_task=cfg.slurm_cpus_per_task, gpus_per_node=cfg.slurm_gpus_per_node,
+        slurm_partition=cfg.slurm_partition or None, slurm_account=cfg.slurm_account or None,
+        slurm_signal_delay_s=120)
     print(f"job {job.job_id} done: {final}", flush=True)
     return final
 

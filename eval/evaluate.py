@@ -114,17 +114,11 @@ def evaluate(args) -> dict:
 
 def submit(args) -> dict:
     """Run `evaluate` as a job through Submitit: on Slurm where there is one, else locally."""
-    import submitit
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")  # the job imports us
-    executor = submitit.AutoExecutor(folder=os.path.join(args.out, "submitit"))
-    executor.update_parameters(name="dapo-eval", timeout_min=args.timeout_min, nodes=1, tasks_per_node=1,
-                               gpus_per_node=args.tensor_parallel_size if args.gpus else 0,
-                               cpus_per_task=args.cpus_per_task, slurm_partition=args.partition or None,
-                               slurm_account=args.account or None)
-    job = executor.submit(evaluate, args)
-    print(f"submitted job {job.job_id} ({executor.cluster}); logs in {os.path.join(args.out, 'submitit')}", flush=True)
-    summary = job.result()
+    from train_dapo import submit_job
+    job, summary = submit_job(evaluate, args, os.path.join(args.out, "submitit"), "dapo-eval",
+                              timeout_min=args.timeout_min, cpus_per_task=args.cpus_per_task,
+                              gpus_per_node=args.tensor_parallel_size if args.gpus else 0,
+                              slurm_partition=args.partition or None, slurm_account=args.account or None)
     print(f"job {job.job_id} done: avg@{args.n} {summary[f'avg@{args.n}']:.4f}")
     return summary
 
