@@ -29,7 +29,9 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import os
+import pickle
 import platform
 import random
 import shutil
@@ -80,7 +82,19 @@ class Config:
     slurm_gpus_per_node: int = 0
     """GPUs per node"""
     slurm_cpus_per_task: int = 2
-    """CPU cores for the job"""
+    """CPU cores per node"""
+    slurm_nodes: int = 1
+    """nodes of the job: the trainer nodes, then `rollout_nodes` rollout nodes"""
+
+    # ---- processes (torch elastic starts them; Slurm gives the nodes)
+    nproc_per_node: int = 1
+    """processes per node, one per GPU; 1 with rollout_nodes 0 runs everything in this process"""
+    rollout_nodes: int = 0
+    """nodes hosting vLLM engines, the last of the launch (one engine each, tensor-parallel over
+    the node); on a single node the last this many processes, one engine each; 0: the engine
+    lives in trainer 0's process"""
+    weight_sync_bucket_mb: int = 256
+    """weights travel to the engines in broadcasts of about this many MB"""
 
     # ---- model and data
     model_path: str = ""
@@ -220,11 +234,133 @@ def resolve(cfg: Config) -> Config:
     need(0 < cfg.overlong_cache_len < cfg.max_response_len, "overlong_cache_len", "must be in (0, max_response_len)")
     need(cfg.micro_batch_tokens >= cfg.max_prompt_len + cfg.max_response_len, "micro_batch_tokens",
          "must hold at least one prompt + response")
+    need(cfg.rollout_nodes >= 0, "rollout_nodes", "cannot be negative")
+    need(cfg.rollout_nodes > 0 or cfg.nproc_per_node == cfg.slurm_nodes == 1, "rollout_nodes",
+         "several processes need at least one rollout node: vLLM cannot share a process with an FSDP trainer")
+    need(cfg.rollout_nodes < (cfg.slurm_nodes if cfg.slurm_nodes > 1 else cfg.nproc_per_node), "rollout_nodes",
+         f"{cfg.rollout_nodes} leaves no trainer on {cfg.slurm_nodes} node(s) x {cfg.nproc_per_node} process(es)")
     need(cfg.wandb_mode in ("online", "offline", "disabled"), "wandb_mode", "online, offline or disabled")
     if not cfg.dynamic_sampling:
         cfg.gen_prompts_per_round = cfg.prompts_per_step  # one round, every group kept
     cfg.run_dir = cfg.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return cfg
+
+
+# =============================================================================== Processes and roles
+
+# A waiting process fails at once when a peer dies (its sockets close); this bounds only a hang.
+HANG_TIMEOUT_S = 3600
+
+
+@dataclass
+class Cluster:
+    """This process's place in the run. Trainers hold the policy, sharded with FSDP2 over
+    their own process group; each rollout process hosts one vLLM engine; trainer 0, the
+    driver, runs the loop, sends the engines their work over `control` (a gloo group of
+    every process) and broadcasts them the new weights after each step. A run of one
+    process is all of these at once, its engine in process."""
+    roles: list[str] = dataclasses.field(default_factory=lambda: ["trainer"])
+    rank: int = 0
+    control: object = None
+
+    def ranks(self, role: str) -> list[int]:
+        return [r for r, x in enumerate(self.roles) if x == role]
+
+    def name(self, rank: int) -> str:
+        role = self.roles[rank]
+        title = {"trainer": "trainer", "rollout": "rollout engine", "standby": "standby process"}[role]
+        return f"{title} {self.ranks(role).index(rank)} (rank {rank})"
+
+
+def process_roles(world: int, nproc_per_node: int, rollout_nodes: int) -> list[str]:
+    """The role of each global rank. Ranks fill the nodes in order and the last
+    `rollout_nodes` nodes serve rollouts: the first process of each hosts a vLLM engine
+    spanning the node's GPUs, the others stand by (Slurm starts as many processes on every
+    node). On a single node, the last `rollout_nodes` processes stand for those nodes."""
+    nodes = world // nproc_per_node
+    if nodes == 1:
+        roles = ["trainer"] * (world - rollout_nodes) + ["rollout"] * rollout_nodes
+    else:
+        roles = (["trainer"] * (nodes - rollout_nodes) * nproc_per_node
+                 + (["rollout"] + ["standby"] * (nproc_per_node - 1)) * rollout_nodes)
+    if "trainer" not in roles or len(roles) != world:
+        raise ValueError(f"--rollout_nodes {rollout_nodes}: {nodes} node(s) x {nproc_per_node} process(es) "
+                         "leave no trainer")
+    return roles
+
+
+def join_cluster(cfg: Config) -> Cluster:
+    """In a process started by torch elastic: meet the others through the launch's store,
+    take a role, and open that role's process groups."""
+    import torch.distributed as dist
+    from datetime import timedelta
+    from vllm.distributed.utils import init_gloo_process_group
+    store, rank, world = next(dist.rendezvous("env://"))
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # else the weight group's store waits for a server forever
+    timeout = timedelta(seconds=HANG_TIMEOUT_S)
+    store.set_timeout(timeout)
+    roles = process_roles(world, int(os.environ["LOCAL_WORLD_SIZE"]), cfg.rollout_nodes)
+    cluster = Cluster(roles, rank, init_gloo_process_group(dist.PrefixStore("control", store), rank, world, timeout))
+    print(f"{cluster.name(rank)} on {platform.node()}, pid {os.getpid()}", flush=True)
+    if roles[rank] == "trainer":  # FSDP's group: the trainers only
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", store=dist.PrefixStore("trainers", store),
+                                rank=cluster.ranks("trainer").index(rank), world_size=len(cluster.ranks("trainer")),
+                                timeout=timeout)
+    else:  # vLLM would take torch elastic's variables for its own world
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(name, None)
+    return cluster
+
+
+def send_obj(group, obj, dst: int) -> None:
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    group.send([torch.tensor([len(data)])], dst, 0).wait()
+    group.send([data], dst, 0).wait()
+
+
+def recv_obj(group, src: int):
+    size = torch.zeros(1, dtype=torch.long)
+    group.recv([size], src, 0).wait()
+    data = torch.empty(int(size), dtype=torch.uint8)
+    group.recv([data], src, 0).wait()
+    return pickle.loads(data.numpy().tobytes())
+
+
+def trainer_rank_and_count() -> tuple[int, int]:
+    """This trainer's index and the number of trainers (FSDP's default group)."""
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the trainers, in place."""
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def any_trainer(flag: bool) -> bool:
+    return bool(all_sum(torch.tensor([float(flag)])).item() > 0)
+
+
+def from_driver(obj):
+    """The driver's `obj` on every trainer."""
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # =============================================================================== Run record and logging
@@ -315,29 +451,66 @@ def score_responses(cfg: Config, rows: list[dict], responses: list[list[dict]]) 
 
 # =============================================================================== Model
 
+class Policy(torch.nn.Module):
+    """The causal LM, asked for log-probs: forward -> log p of each target token and the
+    entropy there, through ChunkedLogProbs (never a [tokens x vocab] logits tensor). One
+    module around the HF model, so that FSDP2's root unit gathers the embedding, final
+    norm and LM head for this forward, which reads the head's weight itself."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, position_ids, attention_mask, targets, labels, temperature: float):
+        # use_cache=False: with a KV cache transformers would ignore the packing
+        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                               use_cache=False).last_hidden_state.flatten(0, 1)  # [rows * width, H]
+        return ChunkedLogProbs.apply(hidden[targets], self.lm.lm_head.weight, labels, temperature, LOGITS_CHUNK)
+
+
+def ensure_model(cfg: Config) -> str:
+    """model_path, or else the demo's tiny base model (built once, then cached)."""
+    if cfg.model_path:
+        return cfg.model_path
+    from demo.base_model import ensure_base_model
+    return ensure_base_model(cfg.base_model_dir)
+
+
 def build_or_load_policy(cfg: Config):
-    """The policy in fp32 (the optimizer's master weights) and its tokenizer."""
+    """The policy in fp32 (the optimizer's master weights), sharded over the trainers
+    when there are several, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = cfg.model_path
-    if not path:
-        from demo.base_model import ensure_base_model
-        path = ensure_base_model(cfg.base_model_dir)
+    path = ensure_model(cfg)
     cuda = torch.cuda.is_available()
     # CUDA-only, and only here: flash-attention 2 (packed variable-length sequences, see
     # policy_logprobs) and Liger's Triton kernels for RMSNorm, SwiGLU and RoPE. Neither
     # runs on CPU, where sdpa and the plain modules do the same math.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 attn_implementation="flash_attention_2" if cuda else "sdpa")
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                              attn_implementation="flash_attention_2" if cuda else "sdpa")
     if cuda:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        _apply_liger_kernel_to_instance(model=model, rms_norm=True, swiglu=True, rope=True,
+        _apply_liger_kernel_to_instance(model=lm, rms_norm=True, swiglu=True, rope=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
-        model.cuda()
     if cfg.gradient_checkpointing:  # recompute each block's activations in backward
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer, path
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = Policy(lm).train()
+    if trainer_rank_and_count()[1] > 1:
+        shard_policy(policy)
+    elif cuda:
+        policy.cuda()
+    return policy, AutoTokenizer.from_pretrained(path), path
+
+
+def shard_policy(policy: Policy) -> None:
+    """FSDP2 over the trainers: each decoder block one unit, the rest (embedding, final
+    norm, LM head) the root's. Parameters move to this rank's device as shards. On GPU the
+    blocks compute in bf16 over fp32 master weights and reduce gradients in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if torch.cuda.is_available() else MixedPrecisionPolicy()
+    for block in policy.lm.model.layers:
+        fully_shard(block, mp_policy=mixed)
+    fully_shard(policy, mp_policy=mixed)
 
 
 def make_optimizer(cfg: Config, model):
@@ -362,7 +535,8 @@ def make_rollout_engine(model_path: str, max_model_len: int, dtype: str, seed: i
     from vllm import LLM
     llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
               enforce_eager=not torch.cuda.is_available(), tensor_parallel_size=tensor_parallel_size,
-              gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True)
+              gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
+              worker_extension_cls="train_dapo.WeightReceiver")
     torch.set_num_threads(threads)  # vLLM drops this process to one thread; the trainer needs them all
     return llm, llm.get_tokenizer()
 
@@ -379,16 +553,129 @@ def generate(llm, cfg: Config, rows: list[dict], seed: int) -> list[list[dict]]:
              for c in out.outputs] for out in outputs]
 
 
+def serve_rollouts(cfg: Config, cluster: Cluster) -> None:
+    """A rollout process: one engine, answering the driver's commands until told to stop."""
+    llm, _ = make_rollout_engine(cfg.model_path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype,
+                                 cfg.seed, cfg.tensor_parallel_size, cfg.gpu_memory_utilization)
+    while True:
+        command, payload = recv_obj(cluster.control, 0)
+        if command == "stop":
+            return
+        if command == "generate":
+            reply = llm.generate(*payload, use_tqdm=False)
+        elif command == "join_weight_group":
+            reply = llm.collective_rpc("join_weight_group", args=payload)
+        elif command == "sync":  # then drop the prefix cache: KV of the old weights would answer repeats
+            reply = llm.collective_rpc("receive_weights", args=payload)
+            llm.reset_prefix_cache()
+        send_obj(cluster.control, reply, 0)
+
+
+class WeightReceiver:
+    """Mixed into every vLLM worker (worker_extension_cls): joins the weight group of the
+    driver and all engine workers, then loads broadcast buckets into the model in place,
+    as they arrive (vLLM's reload_weights reads them from an iterator)."""
+
+    def join_weight_group(self, host: str, port: int, first_rank: int, world: int) -> None:
+        from vllm.distributed.parallel_state import get_tp_group
+        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+        self.weight_group = stateless_init_torch_distributed_process_group(
+            host, port, first_rank + get_tp_group().rank_in_group, world,
+            "nccl" if torch.cuda.is_available() else "gloo")
+
+    def receive_weights(self, plan: list[list[tuple[str, list[int]]]], dtype: str) -> None:
+        def arriving():
+            for bucket in plan:
+                flat = torch.empty(sum(math.prod(shape) for _, shape in bucket), dtype=getattr(torch, dtype),
+                                   device="cuda" if torch.cuda.is_available() else "cpu")
+                self.weight_group.broadcast(flat, 0).wait()
+                offset = 0
+                for name, shape in bucket:
+                    yield name, flat[offset:offset + math.prod(shape)].view(shape)
+                    offset += math.prod(shape)
+        self.reload_weights(weights_iterator=arriving(), is_checkpoint_format=True)
+
+
+class RemoteEngines:
+    """The rollout processes' engines, seen from the driver as one vLLM `LLM`: generate()
+    splits the requests into contiguous shares, one per engine, and joins the answers in
+    order. Every request carries its own seed, so the split never changes a sample. A
+    process that dies is named in the error, and the launcher stops the job."""
+
+    def __init__(self, cfg: Config, cluster: Cluster):
+        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+        from vllm.utils.network_utils import get_ip, get_open_port
+        self.cluster, self.ranks = cluster, cluster.ranks("rollout")
+        host, port, tp = get_ip(), get_open_port(), cfg.tensor_parallel_size
+        world = 1 + len(self.ranks) * tp
+        self.send("join_weight_group", [(host, port, 1 + i * tp, world) for i in range(len(self.ranks))])
+        self.weight_group = stateless_init_torch_distributed_process_group(
+            host, port, 0, world, "nccl" if torch.cuda.is_available() else "gloo")
+        self.receive("join_weight_group")
+
+    def talk(self, command: str, rank: int, exchange):
+        try:
+            return exchange()
+        except RuntimeError as e:
+            raise RuntimeError(f"{self.cluster.name(rank)} died or stopped answering during '{command}': {e}") from None
+
+    def send(self, command: str, payloads: list) -> None:
+        for rank, payload in zip(self.ranks, payloads):
+            self.talk(command, rank, lambda: send_obj(self.cluster.control, (command, payload), rank))
+
+    def receive(self, command: str) -> list:
+        return [self.talk(command, rank, lambda: recv_obj(self.cluster.control, rank)) for rank in self.ranks]
+
+    def generate(self, prompts: list, params: list, use_tqdm: bool = False) -> list:
+        bounds = np.linspace(0, len(prompts), len(self.ranks) + 1).astype(int)
+        self.send("generate", [(prompts[a:b], params[a:b]) for a, b in zip(bounds, bounds[1:])])
+        return [out for share in self.receive("generate") for out in share]
+
+    def stop(self) -> None:
+        """Release the engines and the processes standing by."""
+        for rank in self.cluster.ranks("rollout") + self.cluster.ranks("standby"):
+            send_obj(self.cluster.control, ("stop", None), rank)
+
+
+def sync_plan(policy: Policy, dtype: torch.dtype, bucket_bytes: int) -> list[list[tuple[str, list[int]]]]:
+    """The HF weights' names and shapes in consecutive buckets of about bucket_bytes."""
+    plan, size = [[]], 0
+    for name, t in policy.lm.state_dict().items():
+        nbytes = t.numel() * dtype.itemsize
+        if plan[-1] and size + nbytes > bucket_bytes:
+            plan, size = plan + [[]], 0
+        plan[-1].append((name, list(t.shape)))
+        size += nbytes
+    return plan
+
+
 @torch.no_grad()
-def sync_weights(llm, model) -> dict:
-    """Load the policy's current weights into the live engine, then drop its prefix
-    cache: cached KV from the old weights would otherwise answer repeated prompts."""
+def sync_weights(cfg: Config, llm, policy: Policy) -> dict:
+    """Send the policy's current weights to the engine(s), bucket by bucket: every trainer
+    gathers its shards of a bucket, the driver casts it to the engine's dtype and
+    broadcasts it. An engine in this process loads them directly."""
     t0 = time.time()
-    weights = [(name, p.detach()) for name, p in model.state_dict().items()]
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-    llm.reset_prefix_cache()
+    dtype, state = getattr(torch, cfg.dtype), policy.lm.state_dict()
+    plan = sync_plan(policy, dtype, cfg.weight_sync_bucket_mb * 2**20)
+    remote = isinstance(llm, RemoteEngines)
+    if remote:
+        llm.send("sync", [(plan, cfg.dtype)] * len(llm.ranks))
+    in_process, nbytes = [], 0
+    for bucket in plan:
+        tensors = [state[name] for name, _ in bucket]
+        tensors = [(t.full_tensor() if hasattr(t, "full_tensor") else t).to(dtype) for t in tensors]
+        if remote:
+            flat = torch.cat([t.flatten() for t in tensors])
+            llm.talk("sync", llm.ranks[0], lambda: llm.weight_group.broadcast(flat, 0).wait())
+        elif llm is not None:
+            in_process += [(name, t) for (name, _), t in zip(bucket, tensors)]
+        nbytes += sum(t.numel() * t.element_size() for t in tensors)
+    if remote:
+        llm.receive("sync")
+    elif llm is not None:
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": in_process, "is_checkpoint_format": True})
+        llm.reset_prefix_cache()  # KV cached under the old weights would answer repeated prompts
     seconds = time.time() - t0
-    nbytes = sum(t.numel() * t.element_size() for _, t in weights)
     return {"time/sync": seconds, "sync/bytes_per_s": nbytes / max(seconds, 1e-9)}
 
 
@@ -504,7 +791,7 @@ def pack_micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
     return groups + [current] if current else groups
 
 
-def policy_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
+def policy_logprobs(policy: Policy, prompt_ids: list[list[int]], response_ids: list[list[int]],
                     temperature: float, with_entropy: bool = False, packed: bool | None = None):
     """Per-token log-probs (and entropy) of the responses under the policy: [B, T] padded.
 
@@ -514,8 +801,8 @@ def policy_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[
     that, slower than padding on CPU, so there each sequence is a right-padded row.
     Only response positions go through the LM head."""
     if packed is None:
-        packed = model.config._attn_implementation.startswith("flash_attention")
-    device = next(model.parameters()).device
+        packed = policy.lm.config._attn_implementation.startswith("flash_attention")
+    device = next(policy.parameters()).device
     seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
     width = sum(map(len, seqs)) if packed else max(map(len, seqs))
     starts = np.cumsum([0] + [len(s) for s in seqs[:-1]]) if packed else np.arange(len(seqs)) * width
@@ -527,15 +814,13 @@ def policy_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[
         flat_ids[s:s + len(seq)] = torch.tensor(seq)
         positions[s:s + len(seq)] = torch.arange(len(seq))
         targets += range(s + len(p) - 1, s + len(seq) - 1)
-    inputs = {"input_ids": flat_ids.view(shape).to(device), "position_ids": positions.view(shape).to(device)}
+    attention_mask = None
     if not packed:
-        inputs["attention_mask"] = (positions.view(shape) > 0).to(device)
-        inputs["attention_mask"][:, 0] = True
-    # use_cache=False: with a KV cache transformers would ignore the packing
-    hidden = model.model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)  # [rows * width, H]
+        attention_mask = (positions.view(shape) > 0).to(device)
+        attention_mask[:, 0] = True
     labels = torch.tensor([t for r in response_ids for t in r], device=device)
-    token_logprobs, entropy = ChunkedLogProbs.apply(hidden[torch.tensor(targets, device=device)],
-                                                    model.lm_head.weight, labels, temperature, LOGITS_CHUNK)
+    token_logprobs, entropy = policy(flat_ids.view(shape).to(device), positions.view(shape).to(device),
+                                     attention_mask, torch.tensor(targets, device=device), labels, temperature)
     return pad_rows(token_logprobs, response_ids), (pad_rows(entropy, response_ids) if with_entropy else None)
 
 
@@ -588,73 +873,88 @@ def pad_rows(flat: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(list(flat.split([len(r) for r in rows])), batch_first=True)
 
 
-def micro_batches(cfg: Config, batch: dict, indices: list[int]):
+def my_micro_batches(cfg: Config, batch: dict, indices: list[int]) -> list[list[int] | None]:
+    """This trainer's share of `indices`, packed into micro-batches by token budget. The
+    micro-batches go round-robin over the trainers, and every trainer gets the same count
+    (FSDP's gathers are collective); a trainer short of one gets None: a pass of zero weight."""
     lengths = [len(batch["prompt_ids"][i]) + len(batch["response_ids"][i]) for i in indices]
-    for group in pack_micro_batches(lengths, cfg.micro_batch_tokens):
-        yield [indices[j] for j in group]
+    plan = [[indices[j] for j in group] for group in pack_micro_batches(lengths, cfg.micro_batch_tokens)]
+    rank, count = trainer_rank_and_count()
+    mine = plan[rank::count]
+    return mine + [None] * (-(-len(plan) // count) - len(mine))
+
+
+def batch_logprobs(cfg: Config, policy: Policy, batch: dict, idx: list[int], with_entropy: bool = False):
+    return policy_logprobs(policy, [batch["prompt_ids"][i] for i in idx], [batch["response_ids"][i] for i in idx],
+                           cfg.temperature, with_entropy)
 
 
 @torch.no_grad()
-def compute_old_logprobs(cfg: Config, model, batch: dict) -> dict:
+def compute_old_logprobs(cfg: Config, policy: Policy, batch: dict) -> dict:
     """pi_old's log-probs, fixed for every update of this step; entropy and mean
-    generation probability of the actor come from the same pass."""
+    generation probability of the actor come from the same pass. Each trainer computes
+    its micro-batches, then a sum over the trainers gives everyone the whole batch."""
     B, T = batch["mask"].shape
-    old, entropy_sum = None, 0.0
-    for idx in micro_batches(cfg, batch, list(range(B))):
-        lp, ent = policy_logprobs(model, [batch["prompt_ids"][i] for i in idx],
-                                  [batch["response_ids"][i] for i in idx], cfg.temperature, with_entropy=True)
-        old = lp.new_zeros(B, T) if old is None else old
-        old[idx, :lp.shape[1]] = lp
-        entropy_sum += float(ent.sum())
-    batch["old_logprobs"] = old
+    device = batch["mask"].device
+    old, entropy_sum = torch.zeros(B, T, device=device), torch.zeros(1, device=device, dtype=torch.float64)
+    for idx in my_micro_batches(cfg, batch, list(range(B))):
+        lp, ent = batch_logprobs(cfg, policy, batch, idx or [0], with_entropy=True)
+        if idx is not None:
+            old[idx, :lp.shape[1]] = lp
+            entropy_sum += ent.sum()
+    batch["old_logprobs"], entropy_sum = all_sum(old), all_sum(entropy_sum)
     valid = torch.zeros_like(old)
     for i, r in enumerate(batch["response_ids"]):
         valid[i, :len(r)] = 1.0
-    vllm_lp = pad_rows(torch.tensor([x for r in batch["vllm_logprobs"] for x in r], device=old.device),
+    vllm_lp = pad_rows(torch.tensor([x for r in batch["vllm_logprobs"] for x in r], device=device),
                        batch["response_ids"])
     n = valid.sum()
-    return {"actor/entropy": entropy_sum / float(n),
+    return {"actor/entropy": float(entropy_sum) / float(n),
             "actor/gen_prob_mean": float((old.exp() * valid).sum() / n),
             "actor/vllm_logprob_diff": float(((old - vllm_lp).abs() * valid).sum() / n)}
 
 
 # =============================================================================== Update
 
-def update_policy(cfg: Config, model, optimizer, batch: dict, generator: torch.Generator) -> dict:
+def update_policy(cfg: Config, policy: Policy, optimizer, batch: dict, generator: torch.Generator) -> dict:
     """Mini-batch updates over the step's responses; within a mini-batch the loss is
-    normalised by its global count of valid tokens (or sequences), so the split into
-    micro-batches never changes the gradient."""
+    normalised by its global count of valid tokens (or sequences), so neither the split
+    into micro-batches nor the number of trainers changes the gradient."""
     B = batch["mask"].shape[0]
-    order = torch.randperm(B, generator=generator).tolist()
-    stats, updates = defaultdict(float), 0
+    order = torch.randperm(B, generator=generator).tolist()  # the same on every trainer: same seed
+    trainers = trainer_rank_and_count()[1]
+    sums = torch.zeros(6, dtype=torch.float64)  # clipfrac_low, clipfrac_high, approx_kl (token-weighted), tokens,
+    grad_norm, updates = 0.0, 0                 # pg_loss, update tokens
     for start in range(0, B, cfg.mini_batch_size):
         mini = order[start:start + cfg.mini_batch_size]
         mask = batch["mask"][mini]
         normalizer = mask.sum() if cfg.loss_agg_mode == "token-mean" else (mask.sum(-1) > 0).sum()
-        for idx in micro_batches(cfg, batch, mini):
-            logprobs, _ = policy_logprobs(model, [batch["prompt_ids"][i] for i in idx],
-                                          [batch["response_ids"][i] for i in idx], cfg.temperature)
+        for idx in my_micro_batches(cfg, batch, mini):
+            weight = 0.0 if idx is None else 1.0
+            idx = idx or mini[:1]
+            logprobs, _ = batch_logprobs(cfg, policy, batch, idx)
             T = logprobs.shape[1]
-            loss, metrics = compute_policy_loss(
+            loss, m = compute_policy_loss(
                 logprobs, batch["old_logprobs"][idx, :T], batch["advantages"][idx], batch["mask"][idx, :T],
                 cfg.eps_low, cfg.eps_high, cfg.loss_agg_mode, normalizer.clamp(min=1), cfg.dual_clip_c)
-            loss.backward()
-            valid = float(metrics.pop("tokens"))
-            for k, v in metrics.items():  # token-weighted, so they average over the whole step
-                stats[k] += float(v) * valid
-            stats["valid_tokens"] += valid
-            stats["actor/pg_loss"] += loss.item()
-            stats["update_tokens"] += sum(len(batch["prompt_ids"][i]) + len(batch["response_ids"][i]) for i in idx)
-        stats["actor/grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            # the loss is this micro-batch's share of the mini-batch's; FSDP averages gradients
+            # over the trainers, so scale by their count to sum them instead
+            (loss * weight * trainers).backward()
+            tokens = float(m["tokens"])
+            sums += weight * torch.tensor([float(m["actor/clipfrac_low"]) * tokens, float(m["actor/clipfrac_high"]) * tokens,
+                                           float(m["actor/approx_kl"]) * tokens, tokens, loss.item(),
+                                           sum(len(batch["prompt_ids"][i]) + len(batch["response_ids"][i]) for i in idx)],
+                                          dtype=torch.float64)
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        grad_norm += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         updates += 1
-    valid = max(stats.pop("valid_tokens"), 1.0)
-    return {"actor/clipfrac_low": stats["actor/clipfrac_low"] / valid,
-            "actor/clipfrac_high": stats["actor/clipfrac_high"] / valid,
-            "actor/approx_kl": stats["actor/approx_kl"] / valid,
-            "actor/pg_loss": stats["actor/pg_loss"] / updates, "actor/grad_norm": stats["actor/grad_norm"] / updates,
-            "actor/updates": updates, "update_tokens": int(stats["update_tokens"])}
+    low, high, kl, tokens, pg_loss, update_tokens = all_sum(sums).tolist()
+    tokens = max(tokens, 1.0)
+    return {"actor/clipfrac_low": low / tokens, "actor/clipfrac_high": high / tokens, "actor/approx_kl": kl / tokens,
+            "actor/pg_loss": pg_loss / updates, "actor/grad_norm": grad_norm / updates,
+            "actor/updates": updates, "update_tokens": int(update_tokens)}
 
 
 # =============================================================================== Validation
@@ -681,23 +981,28 @@ def rollout_metrics(cfg: Config, all_groups, batch) -> dict:
             "rollout_tokens": int(lengths.sum())}
 
 
-def train_step(cfg: Config, step: int, llm, model, optimizer, scheduler, sampler, generator) -> dict:
+def train_step(cfg: Config, step: int, llm, policy, optimizer, scheduler, sampler, generator) -> dict:
+    """One rollout step. The driver generates and scores; every trainer takes part in the
+    old log-probs, the update and the weight sync."""
     t0 = time.time()
-    rows, responses, all_groups, metrics = collect_batch(cfg, llm, sampler, step)
+    batch, metrics = None, {}
+    if llm is not None:
+        rows, responses, all_groups, metrics = collect_batch(cfg, llm, sampler, step)
+        batch = flatten_batch(cfg, rows, responses)
+        metrics |= rollout_metrics(cfg, all_groups, batch)
+        metrics["throughput/rollout_tokens_per_s"] = metrics.pop("rollout_tokens") / (time.time() - t0)
+    batch = from_driver(batch)
     t1 = time.time()
-    batch = flatten_batch(cfg, rows, responses)
-    metrics |= rollout_metrics(cfg, all_groups, batch)
-    device = next(model.parameters()).device
+    device = next(policy.parameters()).device
     batch["advantages"], batch["mask"] = batch["advantages"].to(device), batch["mask"].to(device)
-    metrics |= compute_old_logprobs(cfg, model, batch)
+    metrics |= compute_old_logprobs(cfg, policy, batch)
     t2 = time.time()
-    metrics |= update_policy(cfg, model, optimizer, batch, generator)
+    metrics |= update_policy(cfg, policy, optimizer, batch, generator)
     scheduler.step()
     t3 = time.time()
-    metrics |= sync_weights(llm, model)
+    metrics |= sync_weights(cfg, llm, policy)
     metrics |= {"time/rollout": t1 - t0, "time/old_logprobs": t2 - t1, "time/update": t3 - t2,
                 "time/step": time.time() - t0, "actor/lr": optimizer.param_groups[0]["lr"],
-                "throughput/rollout_tokens_per_s": metrics.pop("rollout_tokens") / (t1 - t0),
                 "throughput/update_tokens_per_s": metrics.pop("update_tokens") / (t3 - t2)}
     return metrics
 
@@ -727,42 +1032,49 @@ def plot_curves(run_dir: str) -> str:
     return path
 
 
-def resume(cfg: Config, llm, model, optimizer, scheduler, sampler, generator) -> int:
+def resume(cfg: Config, llm, policy, optimizer, scheduler, sampler, generator) -> int:
     """Continue from the newest complete checkpoint in run_dir, if any: restore the
-    trainer, push its weights to the engine, and drop log lines after that step."""
+    trainers, push their weights to the engines, and drop log lines after that step."""
     checkpoints = checkpoint_dirs(cfg.run_dir)
     if not checkpoints:
         return 0
-    step = load_checkpoint(cfg, checkpoints[-1], model, optimizer, scheduler, sampler, generator)
-    sync_weights(llm, model)
+    step = load_checkpoint(cfg, checkpoints[-1], policy, optimizer, scheduler, sampler, generator)
+    sync_weights(cfg, llm, policy)
     log_path = os.path.join(cfg.run_dir, "metrics.jsonl")
-    if os.path.exists(log_path):
+    if llm is not None and os.path.exists(log_path):
         with open(log_path) as f:  # a line cut short by a kill fails to parse: dropped with the rest
             kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
         with open(log_path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)
-    print(f"resumed from {checkpoints[-1]}", flush=True)
+        print(f"resumed from {checkpoints[-1]}", flush=True)
     return step
 
 
-def train(cfg: Config):
-    """The whole run; returns what a caller (a test) may want to inspect."""
+def train(cfg: Config, cluster: Cluster | None = None):
+    """The whole run, in a trainer process (by default the only process: engine in
+    process). Returns what a caller (a test) may want to inspect."""
+    cluster = cluster or Cluster()
+    driver = cluster.rank == 0
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model, tokenizer, model_path = build_or_load_policy(cfg)
-    llm, _ = make_rollout_engine(model_path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype,
-                                 cfg.seed, cfg.tensor_parallel_size, cfg.gpu_memory_utilization)
-    optimizer, scheduler = make_optimizer(cfg, model)
-    sampler = PromptSampler(load_prompts(cfg.train_data, tokenizer, cfg.max_prompt_len), cfg.seed)
-    val_rows = load_prompts(cfg.val_data, tokenizer, cfg.max_prompt_len) if cfg.val_data else []
-    if cfg.val_max_problems:
-        val_rows = val_rows[:cfg.val_max_problems]
+    policy, tokenizer, model_path = build_or_load_policy(cfg)
+    llm, sampler, val_rows = None, None, []
+    if driver:  # only the driver talks to the engine(s) and draws prompts
+        llm = RemoteEngines(cfg, cluster) if cluster.ranks("rollout") else \
+            make_rollout_engine(model_path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype, cfg.seed,
+                                cfg.tensor_parallel_size, cfg.gpu_memory_utilization)[0]
+        sampler = PromptSampler(load_prompts(cfg.train_data, tokenizer, cfg.max_prompt_len), cfg.seed)
+        val_rows = load_prompts(cfg.val_data, tokenizer, cfg.max_prompt_len) if cfg.val_data else []
+        val_rows = val_rows[:cfg.val_max_problems or None]
+    optimizer, scheduler = make_optimizer(cfg, policy)
     generator = torch.Generator().manual_seed(cfg.seed)
-    start_step = resume(cfg, llm, model, optimizer, scheduler, sampler, generator)
-    run, log_file = start_run(cfg)
-    print(f"run dir {cfg.run_dir} | model {model_path} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters | {len(sampler.rows)} train prompts, {len(val_rows)} held out", flush=True)
+    start_step = resume(cfg, llm, policy, optimizer, scheduler, sampler, generator)
+    if driver:
+        run, log_file = start_run(cfg)
+        print(f"run dir {cfg.run_dir} | model {model_path} | {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
+              f"parameters | {len(cluster.ranks('trainer'))} trainer(s), {len(cluster.ranks('rollout'))} rollout "
+              f"process(es) | {len(sampler.rows)} train prompts, {len(val_rows)} held out", flush=True)
     if val_rows and start_step == 0:
         first = validate(cfg, llm, tokenizer, val_rows)
         print(f"step    0 | val acc {first['val/acc']:.3f} (base model)", flush=True)
@@ -770,24 +1082,30 @@ def train(cfg: Config):
         log_file.write(json.dumps({"step": 0, **first}) + "\n")
     t_start, preemption = time.time(), PreemptionWatch()
     for step in range(start_step + 1, cfg.total_steps + 1):
-        metrics = train_step(cfg, step, llm, model, optimizer, scheduler, sampler, generator)
-        if val_rows and (step % cfg.val_every == 0 or step == cfg.total_steps):
-            metrics |= validate(cfg, llm, tokenizer, val_rows)
-        metrics["time/elapsed"] = time.time() - t_start
-        log_step(run, log_file, step, metrics)
-        if step % cfg.save_every == 0 or step == cfg.total_steps or preemption.requested:
-            save_checkpoint(cfg, step, model, optimizer, scheduler, sampler, generator)
-        if preemption.requested:
-            log_file.close()
-            run.finish()
-            print(f"preempted: checkpoint of step {step} written; the same command resumes it", flush=True)
+        metrics = train_step(cfg, step, llm, policy, optimizer, scheduler, sampler, generator)
+        if driver:
+            if val_rows and (step % cfg.val_every == 0 or step == cfg.total_steps):
+                metrics |= validate(cfg, llm, tokenizer, val_rows)
+            metrics["time/elapsed"] = time.time() - t_start
+            log_step(run, log_file, step, metrics)
+        preempted = any_trainer(preemption.requested)  # all trainers checkpoint the same step
+        if step % cfg.save_every == 0 or step == cfg.total_steps or preempted:
+            save_checkpoint(cfg, step, policy, optimizer, scheduler, sampler, generator)
+        if preempted:
+            if driver:
+                log_file.close()
+                run.finish()
+                print(f"preempted: checkpoint of step {step} written; the same command resumes it", flush=True)
             preemption.hand_over()
-    save_hf(model, tokenizer, os.path.join(cfg.run_dir, "final"))
-    log_file.close()
-    run.finish()
-    print(f"done in {time.time() - t_start:.0f}s | final checkpoint {os.path.join(cfg.run_dir, 'final')} | "
-          f"curves {plot_curves(cfg.run_dir)}", flush=True)
-    return {"llm": llm, "model": model, "tokenizer": tokenizer, "cfg": cfg}
+    save_hf(policy, tokenizer, os.path.join(cfg.run_dir, "final"))
+    if driver:
+        log_file.close()
+        run.finish()
+        if isinstance(llm, RemoteEngines):
+            llm.stop()
+        print(f"done in {time.time() - t_start:.0f}s | final checkpoint {os.path.join(cfg.run_dir, 'final')} | "
+              f"curves {plot_curves(cfg.run_dir)}", flush=True)
+    return {"llm": llm, "policy": policy, "tokenizer": tokenizer, "cfg": cfg}
 
 
 # =============================================================================== Checkpoints
@@ -833,32 +1151,41 @@ def checkpoint_dirs(run_dir: str) -> list[str]:
     return [os.path.join(root, f"step-{n}") for n in sorted(steps)]
 
 
-def save_checkpoint(cfg: Config, step: int, model, optimizer, scheduler, sampler, generator) -> str:
-    """Model and optimizer through torch.distributed.checkpoint; scheduler, sampler position
-    and every RNG beside them; the config. Written aside, then renamed."""
+def save_checkpoint(cfg: Config, step: int, policy, optimizer, scheduler, sampler, generator) -> str:
+    """Model and optimizer, sharded, through torch.distributed.checkpoint (each trainer
+    writes its shards); every trainer's RNGs; the driver's scheduler, sampler position and
+    the config. Written aside, then renamed once all of it is on disk."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+    rank, _ = trainer_rank_and_count()
     path = os.path.join(cfg.run_dir, "checkpoints", f"step-{step}")
     if os.path.exists(path):  # already complete (written before a preemption cut the run short)
         return path
     tmp = path + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model_state, optim_state = get_state_dict(model, optimizer)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    model_state, optim_state = get_state_dict(policy, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
-    torch.save({"step": step, "scheduler": scheduler.state_dict(), "sampler": (sampler.epoch, sampler.pos),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+    torch.save({"generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(), "numpy_rng": np.random.get_state()},
-               os.path.join(tmp, "trainer_state.pt"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg),
-                   "shapes": {k: list(v.shape) for k, v in model.state_dict().items()}}, f, indent=1)
-    os.rename(tmp, path)
-    for old in checkpoint_dirs(cfg.run_dir)[:-cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+               os.path.join(tmp, f"rng-{rank}.pt"))
+    if rank == 0:
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "sampler": (sampler.epoch, sampler.pos)},
+                   os.path.join(tmp, "trainer_state.pt"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({"config": dataclasses.asdict(cfg),
+                       "shapes": {k: list(v.shape) for k, v in policy.state_dict().items()}}, f, indent=1)
+    barrier()
+    if rank == 0:
+        os.rename(tmp, path)
+        for old in checkpoint_dirs(cfg.run_dir)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return path
 
 
-def load_checkpoint(cfg: Config, path: str, model, optimizer, scheduler, sampler, generator) -> int:
+def load_checkpoint(cfg: Config, path: str, policy, optimizer, scheduler, sampler, generator) -> int:
     """Restore everything save_checkpoint wrote; refuse, naming the difference, a checkpoint
     of another config or model shape. Returns the step it was taken after."""
     import torch.distributed.checkpoint as dcp
@@ -867,47 +1194,102 @@ def load_checkpoint(cfg: Config, path: str, model, optimizer, scheduler, sampler
         saved = json.load(f)
     diff = [f"{k}: checkpoint {saved['config'].get(k)!r}, now {v!r}" for k, v in dataclasses.asdict(cfg).items()
             if k not in RESUMABLE_FIELDS and saved["config"].get(k) != v]
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    shapes = {k: list(v.shape) for k, v in policy.state_dict().items()}
     diff += [f"parameter {k}: checkpoint {saved['shapes'].get(k)}, model {shapes.get(k)}"
              for k in sorted(set(shapes) | set(saved["shapes"])) if shapes.get(k) != saved["shapes"].get(k)]
     if diff:
         raise ValueError(f"{path} does not match this run (use another --run_dir to start afresh): " + "; ".join(diff))
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(policy, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    extra = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    scheduler.load_state_dict(extra["scheduler"])
-    sampler.epoch, sampler.pos = extra["sampler"]
-    sampler.order = sampler.permutation()
-    generator.set_state(extra["generator"])
-    torch.set_rng_state(extra["torch_rng"])
-    random.setstate(extra["python_rng"])
-    np.random.set_state(extra["numpy_rng"])
-    return extra["step"]
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    trainer = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    scheduler.load_state_dict(trainer["scheduler"])
+    if sampler is not None:
+        sampler.epoch, sampler.pos = trainer["sampler"]
+        sampler.order = sampler.permutation()
+    rng = torch.load(os.path.join(path, f"rng-{trainer_rank_and_count()[0]}.pt"), weights_only=False)
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch_rng"])
+    random.setstate(rng["python_rng"])
+    np.random.set_state(rng["numpy_rng"])
+    return trainer["step"]
 
 
-def save_hf(model, tokenizer, out_dir: str) -> None:
-    """An HF-format export (safetensors + tokenizer) that transformers and vLLM load.
-    Written aside and renamed, so a crash never leaves a half-written one in place."""
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-
+def save_hf(policy: Policy, tokenizer, out_dir: str) -> None:
+    """An HF-format export (safetensors + tokenizer) that transformers and vLLM load, by
+    the driver from the gathered weights. Written aside and renamed, so a crash never
+    leaves a half-written one in place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trainer_rank_and_count()[0] == 0:
+        tmp = out_dir.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.lm.save_pretrained(tmp, state_dict={k.removeprefix("lm."): v for k, v in full.items()},
+                                  safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    barrier()
 
 
 # =============================================================================== Launch
 
+def config_argv(cfg: Config) -> list[str]:
+    """The resolved config as command-line flags, for the processes a launch starts."""
+    return [a for f in dataclasses.fields(cfg) for a in (f"--{f.name}", str(getattr(cfg, f.name)))]
+
+
+def launch(cfg: Config, nnodes: int = 1, endpoint: str = "localhost:0", run_id: str = "") -> None:
+    """Start this node's `nproc_per_node` processes with torch elastic (torchrun's engine),
+    each running this file in the role its rank gives it. When one dies, elastic stops the
+    others at once; the error names what died, by role."""
+    import uuid
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=cfg.nproc_per_node,
+                          rdzv_backend="c10d", rdzv_endpoint=endpoint, run_id=run_id or uuid.uuid4().hex,
+                          max_restarts=0, monitor_interval=0.5)
+    try:
+        elastic_launch(config, sys.executable)("-u", os.path.abspath(__file__), *config_argv(cfg))
+    except ChildFailedError as e:
+        cluster = Cluster(process_roles(nnodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes))
+        if all(f.exitcode == EXIT_PREEMPTED for f in e.failures.values()):
+            raise SystemExit(EXIT_PREEMPTED)
+        failed = [f"{cluster.name(rank)}, pid {f.pid}: " + (f"killed by {f.signal_name()}" if f.exitcode < 0
+                                                               else f"exit status {f.exitcode}")
+                  for rank, f in sorted(e.failures.items())]
+        raise SystemExit("the run stopped because " + "; ".join(failed) + ". Rerun the same command to resume "
+                         "from the last checkpoint.") from None
+
+
+def run_process(cfg: Config) -> None:
+    """One process of a multi-process launch, in the role its rank gives it."""
+    threads = len(os.sched_getaffinity(0)) // int(os.environ["LOCAL_WORLD_SIZE"])
+    torch.set_num_threads(max(1, threads))  # the node's cores, shared
+    cluster = join_cluster(cfg)
+    role = cluster.roles[cluster.rank]
+    if role == "trainer":
+        train(cfg, cluster)
+    elif role == "rollout":
+        serve_rollouts(cfg, cluster)
+    else:  # a standby process on a rollout node waits for the end
+        recv_obj(cluster.control, 0)
+
+
 class Job:
-    """What Submitit runs: the training run, and after a preemption (USR2) the same run
-    again, which resumes from the checkpoint PreemptionWatch wrote."""
+    """What Submitit runs on each node: the training run (one process, or this node's
+    share of the processes), and after a preemption (USR2) the same run again, which
+    resumes from the checkpoint PreemptionWatch wrote."""
 
     def __call__(self, cfg: Config) -> str:
         torch.set_num_threads(len(os.sched_getaffinity(0)))
-        train(cfg)
+        if cfg.nproc_per_node == 1 and cfg.rollout_nodes == 0:
+            train(cfg)
+        else:
+            import submitit
+            env = submitit.helpers.TorchDistributedEnvironment()  # one task per node: rank = node
+            launch(cfg, env.world_size, f"{env.master_addr}:{env.master_port}", str(submitit.JobEnvironment().job_id))
         return os.path.join(cfg.run_dir, "final")
 
     def checkpoint(self, cfg: Config):
@@ -922,7 +1304,7 @@ def submit_job(fn, arg, folder: str, name: str, **parameters):
     root = os.path.dirname(os.path.abspath(__file__))
     os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")  # the job imports this repo
     executor = submitit.AutoExecutor(folder=folder)
-    executor.update_parameters(name=name, nodes=1, tasks_per_node=1, **parameters)
+    executor.update_parameters(name=name, tasks_per_node=1, **{"nodes": 1, **parameters})
     job = executor.submit(fn, arg)
     print(f"submitted job {job.job_id} ({executor.cluster}); its logs: {job.paths.stdout}", flush=True)
     return job, job.result()
@@ -930,9 +1312,10 @@ def submit_job(fn, arg, folder: str, name: str, **parameters):
 
 def submit(cfg: Config) -> str:
     cfg.submit, cfg.run_dir = False, os.path.abspath(cfg.run_dir)
+    cfg.model_path = cfg.model_path or ensure_model(cfg)
     job, final = submit_job(
-        Job(), cfg, os.path.join(cfg.run_dir, "submitit"), "dapo", timeout_min=cfg.slurm_time_min,
-        cpus_per_task=cfg.slurm_cpus_per_task, gpus_per_node=cfg.slurm_gpus_per_node,
+        Job(), cfg, os.path.join(cfg.run_dir, "submitit"), "dapo", nodes=cfg.slurm_nodes,
+        timeout_min=cfg.slurm_time_min, cpus_per_task=cfg.slurm_cpus_per_task, gpus_per_node=cfg.slurm_gpus_per_node,
         slurm_partition=cfg.slurm_partition or None, slurm_account=cfg.slurm_account or None,
         slurm_signal_delay_s=120)
     print(f"job {job.job_id} done: {final}", flush=True)
@@ -943,6 +1326,11 @@ if __name__ == "__main__":
     cfg = parse_config(sys.argv[1:])
     if cfg.submit:
         submit(cfg)
+    elif "LOCAL_RANK" in os.environ:  # started by launch()
+        run_process(cfg)
+    elif cfg.nproc_per_node > 1 or cfg.rollout_nodes > 0:
+        cfg.model_path = cfg.model_path or ensure_model(cfg)  # built once, before the processes start
+        launch(cfg)
     else:
         torch.set_num_threads(os.cpu_count() or 1)
         train(cfg)
