@@ -626,7 +626,8 @@ class RemoteEngines:
     def receive(self, command: str) -> list:
         return [self.talk(command, rank, lambda: recv_obj(self.cluster.control, rank)) for rank in self.ranks]
 
-    def generate(self, prompts: list, params: list, use_tqdm: bool = False) -> list:
+    def generate(self, prompts: list, params, use_tqdm: bool = False) -> list:
+        params = params if isinstance(params, list) else [params] * len(prompts)
         bounds = np.linspace(0, len(prompts), len(self.ranks) + 1).astype(int)
         self.send("generate", [(prompts[a:b], params[a:b]) for a, b in zip(bounds, bounds[1:])])
         return [out for share in self.receive("generate") for out in share]
@@ -895,8 +896,8 @@ def compute_old_logprobs(cfg: Config, policy: Policy, batch: dict) -> dict:
     generation probability of the actor come from the same pass. Each trainer computes
     its micro-batches, then a sum over the trainers gives everyone the whole batch."""
     B, T = batch["mask"].shape
-    device = batch["mask"].device
-    old, entropy_sum = torch.zeros(B, T, device=device), torch.zeros(1, device=device, dtype=torch.float64)
+    device, dtype = batch["mask"].device, torch.promote_types(next(policy.parameters()).dtype, torch.float32)
+    old, entropy_sum = torch.zeros(B, T, device=device, dtype=dtype), torch.zeros(1, device=device, dtype=torch.float64)
     for idx in my_micro_batches(cfg, batch, list(range(B))):
         lp, ent = batch_logprobs(cfg, policy, batch, idx or [0], with_entropy=True)
         if idx is not None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from demo.base_model import build_model, build_tokenizer
-from train_dapo import (Config, PromptSampler, checkpoint_dirs, load_checkpoint, make_optimizer, resolve,
+from train_dapo import (Config, Policy, PromptSampler, checkpoint_dirs, load_checkpoint, make_optimizer, resolve,
                         save_checkpoint, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ def test_resumed_run_logs_exactly_what_an_uninterrupted_one_does(tiny_model_dir,
 
 
 def tiny_state(hidden=64):
-    model = build_model(build_tokenizer(), hidden=hidden, layers=2, seed=0)
+    model = Policy(build_model(build_tokenizer(), hidden=hidden, layers=2, seed=0))
     cfg = resolve(Config(run_dir="unused", keep_checkpoints=2))
     optimizer, scheduler = make_optimizer(cfg, model)
     sampler = PromptSampler([{"id": str(i)} for i in range(10)], seed=0)
@@ -51,7 +51,7 @@ def tiny_state(hidden=64):
 
 
 def train_one_step(model, optimizer, scheduler):
-    model(torch.tensor([[3, 4, 5, 6]]), labels=torch.tensor([[3, 4, 5, 6]])).loss.backward()
+    model.lm(torch.tensor([[3, 4, 5, 6]]), labels=torch.tensor([[3, 4, 5, 6]])).loss.backward()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad()
@@ -91,7 +91,7 @@ def test_a_checkpoint_of_another_config_or_shape_is_refused_by_name(tmp_path):
         load_checkpoint(other, path, model, optimizer, scheduler, sampler, generator)
     assert "total_steps" not in str(e.value)
     _, wide, wide_opt, wide_sched, _, _ = tiny_state(hidden=128)
-    with pytest.raises(ValueError, match=r"parameter model.embed_tokens.weight: checkpoint \[64, 64\], model \[64, 128\]"):
+    with pytest.raises(ValueError, match=r"parameter lm.model.embed_tokens.weight: checkpoint \[64, 64\], model \[64, 128\]"):
         load_checkpoint(cfg, path, wide, wide_opt, wide_sched, sampler, generator)
 
 

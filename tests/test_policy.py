@@ -5,14 +5,15 @@ import pytest
 import torch
 
 from demo.base_model import build_model, build_tokenizer
-from train_dapo import Config, compute_old_logprobs, pack_micro_batches, policy_logprobs, resolve, update_policy
+from train_dapo import (Config, Policy, compute_old_logprobs, pack_micro_batches, policy_logprobs, resolve,
+                        update_policy)
 
 
 @pytest.fixture(scope="module")
 def model():
     m = build_model(build_tokenizer(), hidden=64, layers=2, seed=1)
     m.config._attn_implementation = "sdpa"
-    return m.double()
+    return Policy(m.double())
 
 
 def random_sequences(n, seed):
@@ -28,7 +29,7 @@ def test_batched_logprobs_equal_one_sequence_at_a_time(model, packed):
     with torch.no_grad():
         packed, entropy = policy_logprobs(model, prompts, responses, temperature=0.7, with_entropy=True, packed=packed)
         for i, (p, r) in enumerate(zip(prompts, responses)):
-            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:-1] / 0.7
+            logits = model.lm(torch.tensor([p + r])).logits[0, len(p) - 1:-1] / 0.7
             logp = torch.log_softmax(logits, -1)
             expected = logp.gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
             torch.testing.assert_close(packed[i, :len(r)], expected, rtol=0, atol=1e-10)
@@ -66,7 +67,7 @@ def test_micro_batch_split_and_checkpointing_do_not_change_the_update(model, mod
                              loss_agg_mode=mode, run_dir="unused"))
         m = copy.deepcopy(model)
         if checkpointing:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             m.train()
         batch = make_batch()
         compute_old_logprobs(cfg, m, batch)

@@ -1,0 +1,92 @@
+"""One process of a multi-process check, started by torchrun from test_distributed.py:
+
+    python -m torch.distributed.run --nproc_per_node N tests/distributed_worker.py MODE OUT [MODEL]
+
+update: every process a trainer; one DAPO update of a tiny Qwen2 sharded with FSDP2.
+        The trainers' full weights after it, and its metrics, go to OUT (rank 0).
+sync:   trainers plus one rollout process. The trainers move their weights, sync them to
+        the engine, and save them; the driver writes the engine's greedy answers to OUT."""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train_dapo  # noqa: E402
+from demo.base_model import build_model, build_tokenizer  # noqa: E402
+from train_dapo import Config, Policy, resolve  # noqa: E402
+
+PROMPTS = [[3 + i, 9, 4 + 2 * i, 12] for i in range(10)]
+
+
+def update_config() -> Config:
+    # 40-token micro-batches: several per rank and uneven counts (a zero-weight pass)
+    return resolve(Config(mini_batch_size=6, prompts_per_step=3, group_size=4, micro_batch_tokens=40,
+                          max_prompt_len=12, max_response_len=16, overlong_cache_len=4, lr=1e-3, warmup_steps=1,
+                          run_dir="unused"))
+
+
+def update_batch() -> dict:
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 40, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(12)]
+    responses = [torch.randint(3, 40, (int(torch.randint(1, 15, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(12)]
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(r)) for r in responses], batch_first=True)
+    mask[3] = 0.0  # an overlong-filtered response
+    return {"prompt_ids": prompts, "response_ids": responses, "vllm_logprobs": [[-1.0] * len(r) for r in responses],
+            "advantages": torch.randn(12, generator=g), "mask": mask}
+
+
+def update_policy_once(policy: Policy) -> dict:
+    """Old log-probs, then two mini-batch AdamW steps, as a train step does them."""
+    cfg, batch = update_config(), update_batch()
+    optimizer, _ = train_dapo.make_optimizer(cfg, policy)
+    train_dapo.compute_old_logprobs(cfg, policy, batch)
+    batch["old_logprobs"] = batch["old_logprobs"] - 0.3 * batch["mask"]  # ratios away from 1: clipping active
+    return train_dapo.update_policy(cfg, policy, optimizer, batch, torch.Generator().manual_seed(0))
+
+
+def tiny_policy() -> Policy:
+    lm = build_model(build_tokenizer(), hidden=64, layers=2, seed=1)
+    lm.config._attn_implementation = "sdpa"
+    return Policy(lm)
+
+
+def check_update(out: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    train_dapo.join_cluster(resolve(Config(run_dir="unused")))
+    policy = tiny_policy()
+    train_dapo.shard_policy(policy)
+    metrics = update_policy_once(policy)
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if torch.distributed.get_rank() == 0:
+        torch.save({"weights": full, "metrics": metrics}, out)
+
+
+def check_sync(out: str, model: str) -> None:
+    from vllm import SamplingParams
+    cfg = resolve(Config(model_path=model, nproc_per_node=3, rollout_nodes=1, dtype="float32", max_prompt_len=16, max_response_len=24,
+                         run_dir=os.path.dirname(out)))
+    cluster = train_dapo.join_cluster(cfg)
+    if cluster.roles[cluster.rank] == "rollout":
+        return train_dapo.serve_rollouts(cfg, cluster)
+    policy, tokenizer, _ = train_dapo.build_or_load_policy(cfg)
+    with torch.no_grad():  # weights no engine has seen: each rank moves its own shards
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    llm = train_dapo.RemoteEngines(cfg, cluster) if cluster.rank == 0 else None
+    stats = train_dapo.sync_weights(cfg, llm, policy)
+    train_dapo.save_hf(policy, tokenizer, os.path.join(cfg.run_dir, "synced"))
+    if llm is not None:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=16))
+        llm.stop()
+        with open(out, "w") as f:
+            json.dump({"greedy": [list(o.outputs[0].token_ids) for o in outs], **stats}, f)
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], sys.argv[2]
+    check_update(out) if mode == "update" else check_sync(out, sys.argv[3])

@@ -1,0 +1,110 @@
+"""The multi-process layout on one machine: trainer processes sharing the policy with FSDP2
+(gloo), a rollout process hosting the vLLM engine, weights broadcast in buckets, and a
+job that stops, naming the culprit, when a process dies."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from distributed_worker import PROMPTS, tiny_policy, update_policy_once
+from train_dapo import Cluster, make_rollout_engine, process_roles
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
+
+
+def torchrun(nproc: int, *args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--standalone", WORKER, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_roles_follow_from_the_launch():
+    assert process_roles(3, 3, 1) == ["trainer", "trainer", "rollout"]
+    assert process_roles(2, 2, 0) == ["trainer", "trainer"]
+    # 4 nodes x 2 processes, the last node serving rollouts: its second process stands by
+    assert process_roles(8, 2, 1) == ["trainer"] * 6 + ["rollout", "standby"]
+    assert process_roles(8, 2, 2) == ["trainer"] * 4 + ["rollout", "standby"] * 2
+    cluster = Cluster(process_roles(8, 2, 2))
+    assert cluster.name(6) == "rollout engine 1 (rank 6)" and cluster.name(3) == "trainer 3 (rank 3)"
+    with pytest.raises(ValueError, match="--rollout_nodes 2: 2 node"):
+        process_roles(4, 2, 2)
+
+
+def test_two_rank_fsdp2_update_equals_the_one_process_update(tmp_path):
+    torchrun(2, "update", str(tmp_path / "fsdp.pt"))
+    sharded = torch.load(tmp_path / "fsdp.pt")
+    policy = tiny_policy()
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    metrics = update_policy_once(policy)
+    moved = max((policy.state_dict()[k] - before[k]).abs().max() for k in before)
+    assert moved > 1e-4  # the comparison below can fail
+    for name, value in policy.state_dict().items():
+        assert (sharded["weights"][name] - value).abs().max() < 1e-5, name
+    for key in ("actor/clipfrac_low", "actor/clipfrac_high", "actor/approx_kl", "actor/pg_loss", "actor/grad_norm"):
+        assert sharded["metrics"][key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-7), key
+    assert sharded["metrics"]["update_tokens"] == metrics["update_tokens"]
+
+
+def greedy(llm) -> list[list[int]]:
+    from vllm import SamplingParams
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=16),
+                        use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def test_synced_engine_answers_like_a_fresh_engine_from_the_saved_weights(tiny_model_dir, tmp_path):
+    torchrun(3, "sync", str(tmp_path / "sync.json"), tiny_model_dir)
+    synced = json.load(open(tmp_path / "sync.json"))
+    assert synced["sync/bytes_per_s"] > 0
+    fresh, _ = make_rollout_engine(str(tmp_path / "synced"), 40, "float32", seed=0)
+    base, _ = make_rollout_engine(tiny_model_dir, 40, "float32", seed=0)
+    assert synced["greedy"] == greedy(fresh)
+    assert synced["greedy"] != greedy(base)  # the sync moved the engine off the base weights
+
+
+def start_run(model_dir: str, run_dir, total_steps: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "train_dapo.py", "--nproc_per_node", "3", "--rollout_nodes", "1", "--model_path", model_dir,
+         "--total_steps", str(total_steps), "--save_every", "1", "--prompts_per_step", "4", "--group_size", "8",
+         "--gen_prompts_per_round", "16", "--mini_batch_size", "16", "--val_data", "", "--wandb_mode", "disabled",
+         "--run_dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_trainers_and_a_rollout_process_survive_a_killed_engine_by_resuming(tiny_model_dir, tmp_path):
+    """Kill -9 the rollout process mid-run: the job ends within a minute, naming it; the
+    same command then resumes from the last checkpoint and finishes."""
+    proc = start_run(tiny_model_dir, tmp_path, total_steps=1000)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step    2 |"):
+            break
+    engine_pid = int(re.search(r"rollout engine 0 \(rank 2\) on \S+, pid (\d+)", "".join(lines)).group(1))
+    assert "2 trainer(s), 1 rollout process(es)" in "".join(lines)
+    os.kill(engine_pid, signal.SIGKILL)
+    killed_at = time.time()
+    _, stderr = proc.communicate(timeout=120)
+    assert time.time() - killed_at < 60
+    assert proc.returncode != 0
+    assert re.search(r"rollout engine 0 \(rank 2\), pid \d+: killed by SIGKILL", stderr), stderr[-3000:]
+
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    last = int(sorted(os.listdir(tmp_path / "checkpoints"))[-1].split("-")[1])
+    assert last >= 2
+    resumed = start_run(tiny_model_dir, tmp_path, total_steps=last + 1)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step-{last}'}" in out
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == list(range(1, last + 2)) and len(steps) >= last
+    for m in metrics:  # the engine samples from the trainers' policy, synced after every step
+        assert m["actor/vllm_logprob_diff"] < 1e-3 and m["sampling/groups_kept"] == 4, m
+    assert (tmp_path / "final" / "model.safetensors").exists()
