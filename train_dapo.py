@@ -479,14 +479,20 @@ def ensure_model(cfg: Config) -> str:
 def build_or_load_policy(cfg: Config):
     """The policy in fp32 (the optimizer's master weights), sharded over the trainers
     when there are several, and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     path = ensure_model(cfg)
     cuda = torch.cuda.is_available()
+    rank, trainers = trainer_rank_and_count()
     # CUDA-only, and only here: flash-attention 2 (packed variable-length sequences, see
     # policy_logprobs) and Liger's Triton kernels for RMSNorm, SwiGLU and RoPE. Neither
     # runs on CPU, where sdpa and the plain modules do the same math.
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                              attn_implementation="flash_attention_2" if cuda else "sdpa")
+    attention = "flash_attention_2" if cuda else "sdpa"
+    if rank == 0:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
+    else:  # only trainer 0 reads the weights into host memory (131 GB at 32B); the others get its shards
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32,
+                                                  attn_implementation=attention)
     if cuda:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
         _apply_liger_kernel_to_instance(model=lm, rms_norm=True, swiglu=True, rope=True,
@@ -494,11 +500,25 @@ def build_or_load_policy(cfg: Config):
     if cfg.gradient_checkpointing:  # recompute each block's activations in backward
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(lm).train()
-    if trainer_rank_and_count()[1] > 1:
-        shard_policy(policy)
+    if trainers > 1:
+        load_sharded(policy)
     elif cuda:
         policy.cuda()
     return policy, AutoTokenizer.from_pretrained(path), path
+
+
+def load_sharded(policy: Policy) -> None:
+    """Shard the policy, then fill every trainer's shards from trainer 0's full weights;
+    the buffers FSDP leaves whole (RoPE's frequencies) are broadcast as they are."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    full = policy.state_dict() if dist.get_rank() == 0 else {}
+    shard_policy(policy)
+    if dist.get_rank() > 0:  # meta tensors until now
+        policy.to_empty(device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+    set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in policy.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def shard_policy(policy: Policy) -> None:

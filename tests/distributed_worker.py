@@ -66,6 +66,17 @@ def check_update(out: str) -> None:
         torch.save({"weights": full, "metrics": metrics}, out)
 
 
+def loaded_like_the_file(policy: Policy, model: str) -> None:
+    """Every trainer's sharded policy (trainer 0 read the file, the others got its
+    shards and buffers) computes what the model read plainly computes."""
+    from transformers import AutoModelForCausalLM
+    plain = Policy(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa"))
+    with torch.no_grad():
+        got, _ = train_dapo.policy_logprobs(policy, PROMPTS, PROMPTS[::-1], temperature=1.0)
+        expected, _ = train_dapo.policy_logprobs(plain, PROMPTS, PROMPTS[::-1], temperature=1.0)
+    assert (got - expected).abs().max() < 1e-5, f"rank {torch.distributed.get_rank()}: {(got - expected).abs().max()}"
+
+
 def check_sync(out: str, model: str) -> None:
     from vllm import SamplingParams
     cfg = resolve(Config(model_path=model, nproc_per_node=3, rollout_nodes=1, dtype="float32", max_prompt_len=16, max_response_len=24,
@@ -74,6 +85,7 @@ def check_sync(out: str, model: str) -> None:
     if cluster.roles[cluster.rank] == "rollout":
         return train_dapo.serve_rollouts(cfg, cluster)
     policy, tokenizer, _ = train_dapo.build_or_load_policy(cfg)
+    loaded_like_the_file(policy, model)
     with torch.no_grad():  # weights no engine has seen: each rank moves its own shards
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
