@@ -315,6 +315,14 @@ def join_cluster(cfg: Config) -> Cluster:
     return cluster
 
 
+def leave_cluster() -> None:
+    """Close the trainers' group before the interpreter exits: a gloo group torn down
+    during interpreter shutdown can abort the process (std::terminate in its threads)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def send_obj(group, obj, dst: int) -> None:
     data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
     group.send([torch.tensor([len(data)])], dst, 0).wait()
@@ -1296,6 +1304,7 @@ def run_process(cfg: Config) -> None:
         serve_rollouts(cfg, cluster)
     else:  # a standby process on a rollout node waits for the end
         recv_obj(cluster.control, 0)
+    leave_cluster()
 
 
 class Job:

@@ -102,3 +102,4 @@ def check_sync(out: str, model: str) -> None:
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     check_update(out) if mode == "update" else check_sync(out, sys.argv[3])
+    train_dapo.leave_cluster()
