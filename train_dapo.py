@@ -461,7 +461,8 @@ def score_responses(cfg: Config, rows: list[dict], responses: list[list[dict]]) 
 
 class Policy(torch.nn.Module):
     """The causal LM, asked for log-probs: forward -> log p of each target token and the
-    entropy there, through ChunkedLogProbs (never a [tokens x vocab] logits tensor). One
+    entropy there, through ChunkedLogProbs (never a [tokens x vocab] logits tensor), and
+    given the loss as a sum of per-token terms, that loss through FusedChunkedLoss. One
     module around the HF model, so that FSDP2's root unit gathers the embedding, final
     norm and LM head for this forward, which reads the head's weight itself."""
 
@@ -469,11 +470,14 @@ class Policy(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, position_ids, attention_mask, targets, labels, temperature: float):
+    def forward(self, input_ids, position_ids, attention_mask, targets, labels, temperature: float, token_loss=None):
         # use_cache=False: with a KV cache transformers would ignore the packing
         hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                use_cache=False).last_hidden_state.flatten(0, 1)  # [rows * width, H]
-        return ChunkedLogProbs.apply(hidden[targets], self.lm.lm_head.weight, labels, temperature, LOGITS_CHUNK)
+        if token_loss is None:
+            return *ChunkedLogProbs.apply(hidden[targets], self.lm.lm_head.weight, labels, temperature, LOGITS_CHUNK), None
+        return FusedChunkedLoss.apply(hidden[targets], self.lm.lm_head.weight, labels, temperature, LOGITS_CHUNK,
+                                      token_loss)
 
 
 def ensure_model(cfg: Config) -> str:
@@ -821,8 +825,9 @@ def pack_micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def policy_logprobs(policy: Policy, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                    temperature: float, with_entropy: bool = False, packed: bool | None = None):
-    """Per-token log-probs (and entropy) of the responses under the policy: [B, T] padded.
+                    temperature: float, with_entropy: bool = False, packed: bool | None = None, token_loss=None):
+    """Per-token log-probs (and entropy) of the responses under the policy: [B, T] padded;
+    and given token_loss (see FusedChunkedLoss), the loss, else None.
 
     With flash-attention (GPU) the sequences are packed into one row, position ids
     restarting at 0, which transformers runs as variable-length attention: no padding
@@ -848,9 +853,10 @@ def policy_logprobs(policy: Policy, prompt_ids: list[list[int]], response_ids: l
         attention_mask = (positions.view(shape) > 0).to(device)
         attention_mask[:, 0] = True
     labels = torch.tensor([t for r in response_ids for t in r], device=device)
-    token_logprobs, entropy = policy(flat_ids.view(shape).to(device), positions.view(shape).to(device),
-                                     attention_mask, torch.tensor(targets, device=device), labels, temperature)
-    return pad_rows(token_logprobs, response_ids), (pad_rows(entropy, response_ids) if with_entropy else None)
+    token_logprobs, entropy, loss = policy(flat_ids.view(shape).to(device), positions.view(shape).to(device),
+                                           attention_mask, torch.tensor(targets, device=device), labels, temperature,
+                                           token_loss)
+    return pad_rows(token_logprobs, response_ids), (pad_rows(entropy, response_ids) if with_entropy else None), loss
 
 
 LOGITS_CHUNK = 512  # rows of [tokens x vocab] logits alive at once: 311 MB at Qwen's 151,936 vocab in fp32
@@ -866,7 +872,7 @@ class ChunkedLogProbs(torch.autograd.Function):
     @staticmethod
     def chunk_logits(hidden, weight, temperature):
         logits = hidden @ weight.T                                     # [chunk, V]
-        return logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # fp32 under bf16
+        return logits.to(torch.promote_types(logits.dtype, torch.float32)).div_(temperature)  # fp32 under bf16
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, chunk):
@@ -875,7 +881,7 @@ class ChunkedLogProbs(torch.autograd.Function):
         for s in range(0, len(labels), chunk):
             log_p = torch.log_softmax(ChunkedLogProbs.chunk_logits(hidden[s:s + chunk], weight, temperature), -1)
             logprobs[s:s + chunk] = log_p.gather(-1, labels[s:s + chunk, None]).squeeze(-1)
-            entropy[s:s + chunk] = -(log_p.exp() * log_p).sum(-1)
+            entropy[s:s + chunk] = -torch.einsum("cv,cv->c", log_p.exp(), log_p)
         ctx.save_for_backward(hidden, weight, labels)
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.mark_non_differentiable(entropy)
@@ -893,8 +899,47 @@ class ChunkedLogProbs(torch.autograd.Function):
             grad_logits[torch.arange(len(g)), labels[s:s + ctx.chunk]] += g
             grad_logits /= ctx.temperature                             # [chunk, V]
             grad_hidden[s:s + ctx.chunk] = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)
-            grad_weight += grad_logits.T @ h.to(grad_logits.dtype)
+            grad_weight.addmm_(grad_logits.T, h.to(grad_logits.dtype))  # in place: no [V, H] temporary
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+class FusedChunkedLoss(torch.autograd.Function):
+    """A loss that is a sum of per-token terms of the log-probs, with its gradient computed
+    chunk by chunk during the forward (Liger's fused-linear loss): each chunk's logits are
+    made once, where ChunkedLogProbs makes them again in backward. token_loss(logprobs of
+    a chunk, start, end) -> that chunk's share of the loss. Returns the log-probs and
+    entropy (no grad, for the metrics) and the loss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, chunk, token_loss):
+        logprobs = hidden.new_empty(len(labels), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        entropy, loss = torch.empty_like(logprobs), logprobs.new_zeros(())
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=logprobs.dtype)
+        for s in range(0, len(labels), chunk):
+            h, y = hidden[s:s + chunk], labels[s:s + chunk]
+            log_p = torch.log_softmax(ChunkedLogProbs.chunk_logits(h, weight, temperature), -1)  # [chunk, V]
+            lp = log_p.gather(-1, y[:, None]).squeeze(-1)
+            with torch.enable_grad():  # d loss / d log-prob of each token: a [chunk] vector
+                leaf = lp.detach().requires_grad_()
+                chunk_loss = token_loss(leaf, s, s + len(y))
+                g, = torch.autograd.grad(chunk_loss, leaf)
+            p = log_p.exp()
+            logprobs[s:s + chunk], entropy[s:s + chunk], loss = lp, -torch.einsum("cv,cv->c", p, log_p), loss + chunk_loss.detach()
+            del log_p  # at most two [chunk, V] tensors alive
+            grad_logits = p.mul_(-g[:, None])                          # d log p(y) / d logits = onehot(y) - softmax
+            grad_logits[torch.arange(len(y)), y] += g
+            grad_logits /= temperature
+            grad_hidden[s:s + chunk] = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)
+            grad_weight.addmm_(grad_logits.T, h.to(grad_logits.dtype))  # in place: no [V, H] temporary
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(logprobs, entropy)
+        return logprobs, entropy, loss
+
+    @staticmethod
+    def backward(ctx, _grad_logprobs, _grad_entropy, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
 
 
 def pad_rows(flat: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
@@ -913,9 +958,10 @@ def my_micro_batches(cfg: Config, batch: dict, indices: list[int]) -> list[list[
     return mine + [None] * (-(-len(plan) // count) - len(mine))
 
 
-def batch_logprobs(cfg: Config, policy: Policy, batch: dict, idx: list[int], with_entropy: bool = False):
+def batch_logprobs(cfg: Config, policy: Policy, batch: dict, idx: list[int], with_entropy: bool = False,
+                   token_loss=None):
     return policy_logprobs(policy, [batch["prompt_ids"][i] for i in idx], [batch["response_ids"][i] for i in idx],
-                           cfg.temperature, with_entropy)
+                           cfg.temperature, with_entropy, token_loss=token_loss)
 
 
 @torch.no_grad()
@@ -927,7 +973,7 @@ def compute_old_logprobs(cfg: Config, policy: Policy, batch: dict) -> dict:
     device, dtype = batch["mask"].device, torch.promote_types(next(policy.parameters()).dtype, torch.float32)
     old, entropy_sum = torch.zeros(B, T, device=device, dtype=dtype), torch.zeros(1, device=device, dtype=torch.float64)
     for idx in my_micro_batches(cfg, batch, list(range(B))):
-        lp, ent = batch_logprobs(cfg, policy, batch, idx or [0], with_entropy=True)
+        lp, ent, _ = batch_logprobs(cfg, policy, batch, idx or [0], with_entropy=True)
         if idx is not None:
             old[idx, :lp.shape[1]] = lp
             entropy_sum += ent.sum()
@@ -945,6 +991,22 @@ def compute_old_logprobs(cfg: Config, policy: Policy, batch: dict) -> dict:
 
 # =============================================================================== Update
 
+def dapo_token_loss(cfg: Config, batch: dict, idx: list[int], normalizer: torch.Tensor):
+    """A micro-batch's share of the mini-batch loss as a sum over its response tokens, for
+    FusedChunkedLoss: compute_policy_loss with each token a row of its own, weighted by
+    its mask (token-mean), or by its mask over its sequence's valid length
+    (seq-mean-token-mean); the mini-batch normaliser makes both sums exact."""
+    lengths = [len(batch["response_ids"][i]) for i in idx]
+    flat = lambda key: torch.cat([batch[key][i, :n] for i, n in zip(idx, lengths)])  # noqa: E731
+    old, mask = flat("old_logprobs"), flat("mask")
+    advantages = torch.cat([batch["advantages"][i].expand(n) for i, n in zip(idx, lengths)])
+    if cfg.loss_agg_mode == "seq-mean-token-mean":
+        mask = mask / torch.cat([batch["mask"][i].sum().clamp(min=1).expand(n) for i, n in zip(idx, lengths)])
+    return lambda logprobs, s, e: compute_policy_loss(
+        logprobs[:, None], old[s:e, None], advantages[s:e], mask[s:e, None], cfg.eps_low, cfg.eps_high,
+        "token-mean", normalizer, cfg.dual_clip_c)[0]
+
+
 def update_policy(cfg: Config, policy: Policy, optimizer, batch: dict, generator: torch.Generator) -> dict:
     """Mini-batch updates over the step's responses; within a mini-batch the loss is
     normalised by its global count of valid tokens (or sequences), so neither the split
@@ -957,15 +1019,16 @@ def update_policy(cfg: Config, policy: Policy, optimizer, batch: dict, generator
     for start in range(0, B, cfg.mini_batch_size):
         mini = order[start:start + cfg.mini_batch_size]
         mask = batch["mask"][mini]
-        normalizer = mask.sum() if cfg.loss_agg_mode == "token-mean" else (mask.sum(-1) > 0).sum()
+        normalizer = (mask.sum() if cfg.loss_agg_mode == "token-mean" else (mask.sum(-1) > 0).sum()).clamp(min=1)
         for idx in my_micro_batches(cfg, batch, mini):
             weight = 0.0 if idx is None else 1.0
             idx = idx or mini[:1]
-            logprobs, _ = batch_logprobs(cfg, policy, batch, idx)
+            logprobs, _, loss = batch_logprobs(cfg, policy, batch, idx,
+                                               token_loss=dapo_token_loss(cfg, batch, idx, normalizer))
             T = logprobs.shape[1]
-            loss, m = compute_policy_loss(
+            _, m = compute_policy_loss(
                 logprobs, batch["old_logprobs"][idx, :T], batch["advantages"][idx], batch["mask"][idx, :T],
-                cfg.eps_low, cfg.eps_high, cfg.loss_agg_mode, normalizer.clamp(min=1), cfg.dual_clip_c)
+                cfg.eps_low, cfg.eps_high, cfg.loss_agg_mode, normalizer, cfg.dual_clip_c)
             # the loss is this micro-batch's share of the mini-batch's; FSDP averages gradients
             # over the trainers, so scale by their count to sum them instead
             (loss * weight * trainers).backward()

@@ -1,7 +1,9 @@
 """Peak memory and time of one forward + backward of the log-prob and DAPO loss through
-the LM head at Qwen2.5's vocabulary: full logits (naive) vs our chunked path
-(train_dapo.ChunkedLogProbs) vs Liger's fused linear GRPO loss. Each variant runs in a
-fresh process, since peak RSS is a per-process number.
+the LM head at Qwen2.5's vocabulary: full logits (naive); our chunked log-probs with the
+loss after them (train_dapo.ChunkedLogProbs: old log-probs and entropy use it); our
+fused loss, gradients made in the forward (train_dapo.FusedChunkedLoss: the update uses
+it); Liger's fused linear GRPO loss. Each variant runs in a fresh process, since peak
+RSS is a per-process number.
 
     python bench/logprob_memory.py                  # hidden 1024, vocab 151,936, 8 x 1024 tokens, fp32
     python bench/logprob_memory.py --tokens 1024    # a quick look
@@ -32,7 +34,7 @@ def inputs(args):
 
 def run_variant(args):
     sys.path.insert(0, ROOT)
-    from train_dapo import ChunkedLogProbs, compute_policy_loss
+    from train_dapo import ChunkedLogProbs, FusedChunkedLoss, compute_policy_loss
     torch.set_num_threads(os.cpu_count())
     hidden, weight, labels, old, advantages = inputs(args)
     B, T = args.seqs, args.tokens // args.seqs
@@ -46,6 +48,11 @@ def run_variant(args):
     elif args.variant == "chunked":
         logprobs, _ = ChunkedLogProbs.apply(hidden, weight, labels, 1.0, args.chunk)
         loss, _ = compute_policy_loss(logprobs.view(B, T), old.view(B, T), advantages, mask, EPS_LOW, EPS_HIGH)
+    elif args.variant == "fused":  # the trainer's update path: per-token loss terms, gradients in the forward
+        per_token_adv = advantages.repeat_interleave(T)
+        _, _, loss = FusedChunkedLoss.apply(hidden, weight, labels, 1.0, args.chunk, lambda lp, s, e: compute_policy_loss(
+            lp[:, None], old[s:e, None], per_token_adv[s:e], mask.view(-1, 1)[s:e], EPS_LOW, EPS_HIGH, "token-mean",
+            mask.sum())[0])
     else:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
         liger = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, compiled=False, epsilon_low=EPS_LOW,
@@ -67,7 +74,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=8 * 1024)
     parser.add_argument("--seqs", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=512)
-    parser.add_argument("--variants", default="naive,chunked,liger")
+    parser.add_argument("--variants", default="naive,chunked,fused,liger")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:

@@ -72,8 +72,8 @@ def loaded_like_the_file(policy: Policy, model: str) -> None:
     from transformers import AutoModelForCausalLM
     plain = Policy(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa"))
     with torch.no_grad():
-        got, _ = train_dapo.policy_logprobs(policy, PROMPTS, PROMPTS[::-1], temperature=1.0)
-        expected, _ = train_dapo.policy_logprobs(plain, PROMPTS, PROMPTS[::-1], temperature=1.0)
+        got, _, _ = train_dapo.policy_logprobs(policy, PROMPTS, PROMPTS[::-1], temperature=1.0)
+        expected, _, _ = train_dapo.policy_logprobs(plain, PROMPTS, PROMPTS[::-1], temperature=1.0)
     assert (got - expected).abs().max() < 1e-5, f"rank {torch.distributed.get_rank()}: {(got - expected).abs().max()}"
 
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from demo.base_model import build_model, build_tokenizer
-from train_dapo import (Config, Policy, compute_old_logprobs, pack_micro_batches, policy_logprobs, resolve,
-                        update_policy)
+import train_dapo
+from train_dapo import (Config, Policy, compute_old_logprobs, compute_policy_loss, dapo_token_loss, pack_micro_batches,
+                        policy_logprobs, resolve, update_policy)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def random_sequences(n, seed):
 def test_batched_logprobs_equal_one_sequence_at_a_time(model, packed):
     prompts, responses = random_sequences(7, seed=0)
     with torch.no_grad():
-        packed, entropy = policy_logprobs(model, prompts, responses, temperature=0.7, with_entropy=True, packed=packed)
+        packed, entropy, _ = policy_logprobs(model, prompts, responses, temperature=0.7, with_entropy=True, packed=packed)
         for i, (p, r) in enumerate(zip(prompts, responses)):
             logits = model.lm(torch.tensor([p + r])).logits[0, len(p) - 1:-1] / 0.7
             logp = torch.log_softmax(logits, -1)
@@ -105,3 +106,39 @@ def test_chunked_logprobs_equal_full_logits_in_value_and_gradient(chunk, tempera
     torch.testing.assert_close(got[1], weight.grad, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda h, w: ChunkedLogProbs.apply(h, w, labels, temperature, chunk)[0],
                                     (hidden.detach().requires_grad_(), weight.detach().requires_grad_()))
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("chunk", [7, 512])
+def test_fused_loss_equals_the_loss_of_full_logits_in_value_and_gradient(model, mode, chunk, monkeypatch):
+    """The update's path (gradients made in the forward, chunk by chunk, per-token loss
+    terms) against autograd through the full [tokens x vocab] logits and the padded loss."""
+    monkeypatch.setattr(train_dapo, "LOGITS_CHUNK", chunk)
+    cfg = resolve(Config(mini_batch_size=12, prompts_per_step=3, group_size=4, max_prompt_len=12, max_response_len=16,
+                         overlong_cache_len=4, loss_agg_mode=mode, dual_clip_c=3.0, run_dir="unused"))
+    batch, idx = make_batch(mode_seed=2), [0, 3, 5, 6, 9]
+    B = len(batch["response_ids"])
+    T = batch["mask"].shape[1]
+    batch["old_logprobs"] = -torch.rand(B, T, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 4
+    normalizer = batch["mask"].sum() if mode == "token-mean" else (batch["mask"].sum(-1) > 0).sum()
+    _, _, fused = policy_logprobs(model, [batch["prompt_ids"][i] for i in idx], [batch["response_ids"][i] for i in idx],
+                                  0.7, token_loss=dapo_token_loss(cfg, batch, idx, normalizer))
+    fused.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    rows = []
+    for i in idx:
+        p, r = batch["prompt_ids"][i], batch["response_ids"][i]
+        logits = model.lm(torch.tensor([p + r])).logits[0, len(p) - 1:-1] / 0.7
+        rows.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None]).squeeze(-1))
+    logprobs = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    Ti = logprobs.shape[1]
+    expected, _ = compute_policy_loss(logprobs, batch["old_logprobs"][idx, :Ti], batch["advantages"][idx],
+                                      batch["mask"][idx, :Ti], cfg.eps_low, cfg.eps_high, mode, normalizer, 3.0)
+    expected.backward()
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-12)
+    assert max(g.abs().max() for g in got) > 1e-3
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=0, atol=1e-12)
+    model.zero_grad()
