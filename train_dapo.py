@@ -474,10 +474,10 @@ class Policy(torch.nn.Module):
         # use_cache=False: with a KV cache transformers would ignore the packing
         hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                use_cache=False).last_hidden_state.flatten(0, 1)  # [rows * width, H]
+        hidden, head = hidden[targets], self.lm.lm_head.weight
         if token_loss is None:
-            return *ChunkedLogProbs.apply(hidden[targets], self.lm.lm_head.weight, labels, temperature, LOGITS_CHUNK), None
-        return FusedChunkedLoss.apply(hidden[targets], self.lm.lm_head.weight, labels, temperature, LOGITS_CHUNK,
-                                      token_loss)
+            return *ChunkedLogProbs.apply(hidden, head, labels, temperature, LOGITS_CHUNK), None
+        return FusedChunkedLoss.apply(hidden, head, labels, temperature, LOGITS_CHUNK, token_loss)
 
 
 def ensure_model(cfg: Config) -> str:
@@ -527,7 +527,7 @@ def load_sharded(policy: Policy) -> None:
     full = policy.state_dict() if dist.get_rank() == 0 else {}
     shard_policy(policy)
     if dist.get_rank() > 0:  # meta tensors until now
-        policy.to_empty(device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+        policy.to_empty(device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
     set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for buffer in policy.buffers():
         dist.broadcast(buffer, src=0)
@@ -925,7 +925,8 @@ class FusedChunkedLoss(torch.autograd.Function):
                 chunk_loss = token_loss(leaf, s, s + len(y))
                 g, = torch.autograd.grad(chunk_loss, leaf)
             p = log_p.exp()
-            logprobs[s:s + chunk], entropy[s:s + chunk], loss = lp, -torch.einsum("cv,cv->c", p, log_p), loss + chunk_loss.detach()
+            logprobs[s:s + chunk], entropy[s:s + chunk] = lp, -torch.einsum("cv,cv->c", p, log_p)
+            loss = loss + chunk_loss.detach()
             del log_p  # at most two [chunk, V] tensors alive
             grad_logits = p.mul_(-g[:, None])                          # d log p(y) / d logits = onehot(y) - softmax
             grad_logits[torch.arange(len(y)), y] += g
