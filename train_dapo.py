@@ -1401,7 +1401,7 @@ def submit_job(fn, arg, folder: str, name: str, **parameters):
     executor.update_parameters(name=name, tasks_per_node=1, **{"nodes": 1, **parameters})
     job = executor.submit(fn, arg)
     print(f"submitted job {job.job_id} ({executor.cluster}); its logs: {job.paths.stdout}", flush=True)
-    return job, job.result()
+    return job, job.results()[0]  # one result per node: the first node's
 
 
 def submit(cfg: Config) -> str:

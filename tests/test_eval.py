@@ -78,10 +78,10 @@ def test_unknown_data_format_is_named(tiny_model_dir, tmp_path):
 
 
 def test_evaluation_as_a_submitit_job(tiny_model_dir, tmp_path):
-    """No Slurm here, so Submitit's AutoExecutor runs the job locally: same code, same report."""
+    """Through the local Slurm the tests start (conftest.py): same code, same report."""
     out = tmp_path / "report"
     proc = run_eval("--model", tiny_model_dir, "--data", "synthetic:val", "--n", "2", "--max-tokens", "32",
-                    "--submit", "--out", str(out))
+                    "--submit", "--cpus-per-task", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "submitted job" in proc.stdout and "done: avg@2" in proc.stdout
+    assert "submitted job" in proc.stdout and "(slurm)" in proc.stdout and "done: avg@2" in proc.stdout
     assert json.loads((out / "result.json").read_text())["summary"]["num_problems"] == 200
