@@ -670,10 +670,10 @@ class RemoteEngines:
             send_obj(self.cluster.control, ("stop", None), rank)
 
 
-def sync_plan(policy: Policy, dtype: torch.dtype, bucket_bytes: int) -> list[list[tuple[str, list[int]]]]:
+def sync_plan(state: dict, dtype: torch.dtype, bucket_bytes: int) -> list[list[tuple[str, list[int]]]]:
     """The HF weights' names and shapes in consecutive buckets of about bucket_bytes."""
     plan, size = [[]], 0
-    for name, t in policy.lm.state_dict().items():
+    for name, t in state.items():
         nbytes = t.numel() * dtype.itemsize
         if plan[-1] and size + nbytes > bucket_bytes:
             plan, size = plan + [[]], 0
@@ -689,7 +689,7 @@ def sync_weights(cfg: Config, llm, policy: Policy) -> dict:
     broadcasts it. An engine in this process loads them directly."""
     t0 = time.time()
     dtype, state = getattr(torch, cfg.dtype), policy.lm.state_dict()
-    plan = sync_plan(policy, dtype, cfg.weight_sync_bucket_mb * 2**20)
+    plan = sync_plan(state, dtype, cfg.weight_sync_bucket_mb * 2**20)
     remote = isinstance(llm, RemoteEngines)
     if remote:
         llm.send("sync", [(plan, cfg.dtype)] * len(llm.ranks))
@@ -875,6 +875,17 @@ class ChunkedLogProbs(torch.autograd.Function):
         return logits.to(torch.promote_types(logits.dtype, torch.float32)).div_(temperature)  # fp32 under bf16
 
     @staticmethod
+    def chunk_grads(probs, g, labels, h, weight, temperature, grad_weight):
+        """Backpropagate g = d loss / d log p(label) of one chunk through the head, given
+        its softmax `probs` (overwritten): adds to grad_weight in place and returns the
+        chunk's d loss / d hidden."""
+        grad_logits = probs.mul_(-g[:, None])                          # d log p(y) / d logits = onehot(y) - softmax
+        grad_logits[torch.arange(len(g)), labels] += g
+        grad_logits /= temperature                                     # [chunk, V]
+        grad_weight.addmm_(grad_logits.T, h.to(grad_logits.dtype))     # in place: no [V, H] temporary
+        return (grad_logits @ weight.to(grad_logits.dtype)).to(h.dtype)
+
+    @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, chunk):
         logprobs = hidden.new_empty(len(labels), dtype=torch.promote_types(hidden.dtype, torch.float32))
         entropy = torch.empty_like(logprobs)
@@ -893,13 +904,10 @@ class ChunkedLogProbs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=grad_logprobs.dtype)
         for s in range(0, len(labels), ctx.chunk):
-            h, g = hidden[s:s + ctx.chunk], grad_logprobs[s:s + ctx.chunk]
-            # d log p(y) / d logits = onehot(y) - softmax
-            grad_logits = -torch.softmax(ChunkedLogProbs.chunk_logits(h, weight, ctx.temperature), -1) * g[:, None]
-            grad_logits[torch.arange(len(g)), labels[s:s + ctx.chunk]] += g
-            grad_logits /= ctx.temperature                             # [chunk, V]
-            grad_hidden[s:s + ctx.chunk] = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)
-            grad_weight.addmm_(grad_logits.T, h.to(grad_logits.dtype))  # in place: no [V, H] temporary
+            h = hidden[s:s + ctx.chunk]
+            probs = torch.softmax(ChunkedLogProbs.chunk_logits(h, weight, ctx.temperature), -1)
+            grad_hidden[s:s + ctx.chunk] = ChunkedLogProbs.chunk_grads(
+                probs, grad_logprobs[s:s + ctx.chunk], labels[s:s + ctx.chunk], h, weight, ctx.temperature, grad_weight)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
@@ -928,11 +936,7 @@ class FusedChunkedLoss(torch.autograd.Function):
             logprobs[s:s + chunk], entropy[s:s + chunk] = lp, -torch.einsum("cv,cv->c", p, log_p)
             loss = loss + chunk_loss.detach()
             del log_p  # at most two [chunk, V] tensors alive
-            grad_logits = p.mul_(-g[:, None])                          # d log p(y) / d logits = onehot(y) - softmax
-            grad_logits[torch.arange(len(y)), y] += g
-            grad_logits /= temperature
-            grad_hidden[s:s + chunk] = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)
-            grad_weight.addmm_(grad_logits.T, h.to(grad_logits.dtype))  # in place: no [V, H] temporary
+            grad_hidden[s:s + chunk] = ChunkedLogProbs.chunk_grads(p, g, y, h, weight, temperature, grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         ctx.mark_non_differentiable(logprobs, entropy)
         return logprobs, entropy, loss

@@ -62,7 +62,7 @@ def worker(model_dir: str) -> None:
         cfg.weight_sync_bucket_mb = bucket_mb
         times = [train_dapo.sync_weights(cfg, llm, policy)["time/sync"] for _ in range(REPEATS + 1)][1:]
         rows.append((f"sync_weights, {bucket_mb} MB buckets", times, len(train_dapo.sync_plan(
-            policy, torch.float32, bucket_mb * 2**20))))
+            policy.lm.state_dict(), torch.float32, bucket_mb * 2**20))))
     llm.stop()
     nbytes = flat.numel() * 4
     base = statistics.median(raw)
