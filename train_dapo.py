@@ -39,7 +39,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +84,10 @@ class Config:
     """CPU cores per node"""
     slurm_nodes: int = 1
     """nodes of the job: the trainer nodes, then `rollout_nodes` rollout nodes"""
+    slurm_constraint: str = ""
+    """Slurm node features (--constraint), e.g. a GPU type (empty: any node)"""
+    slurm_max_timeouts: int = 50
+    """requeues after hitting the time limit before Submitit gives up (preemptions are not counted)"""
 
     # ---- processes (torch elastic starts them; Slurm gives the nodes)
     nproc_per_node: int = 1
@@ -591,7 +594,8 @@ def serve_rollouts(cfg: Config, cluster: Cluster) -> None:
                                  cfg.seed, cfg.tensor_parallel_size, cfg.gpu_memory_utilization)
     while True:
         command, payload = recv_obj(cluster.control, 0)
-        if command == "stop":
+        if command == "stop":  # vLLM's teardown before leave_cluster's, which would pull its groups away
+            llm.llm_engine.engine_core.shutdown()
             return
         if command == "generate":
             reply = llm.generate(*payload, use_tqdm=False)
@@ -1153,6 +1157,7 @@ def train(cfg: Config, cluster: Cluster | None = None):
     process). Returns what a caller (a test) may want to inspect."""
     cluster = cluster or Cluster()
     driver = cluster.rank == 0
+    preemption = PreemptionWatch()  # from the start: a USR2 during loading is acted on after step 1
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     policy, tokenizer, model_path = build_or_load_policy(cfg)
@@ -1177,7 +1182,7 @@ def train(cfg: Config, cluster: Cluster | None = None):
         print(f"step    0 | val acc {first['val/acc']:.3f} (base model)", flush=True)
         run.log(first, step=0)
         log_file.write(json.dumps({"step": 0, **first}) + "\n")
-    t_start, preemption = time.time(), PreemptionWatch()
+    t_start, preempted = time.time(), False
     for step in range(start_step + 1, cfg.total_steps + 1):
         metrics = train_step(cfg, step, llm, policy, optimizer, scheduler, sampler, generator)
         if driver:
@@ -1189,19 +1194,19 @@ def train(cfg: Config, cluster: Cluster | None = None):
         if step % cfg.save_every == 0 or step == cfg.total_steps or preempted:
             save_checkpoint(cfg, step, policy, optimizer, scheduler, sampler, generator)
         if preempted:
-            if driver:
-                log_file.close()
-                run.finish()
-                print(f"preempted: checkpoint of step {step} written; the same command resumes it", flush=True)
-            preemption.hand_over()
-    save_hf(policy, tokenizer, os.path.join(cfg.run_dir, "final"))
+            break
+    if not preempted:
+        save_hf(policy, tokenizer, os.path.join(cfg.run_dir, "final"))
     if driver:
         log_file.close()
         run.finish()
         if isinstance(llm, RemoteEngines):
             llm.stop()
-        print(f"done in {time.time() - t_start:.0f}s | final checkpoint {os.path.join(cfg.run_dir, 'final')} | "
+        print(f"preempted: checkpoint of step {step} written; the same command resumes it" if preempted else
+              f"done in {time.time() - t_start:.0f}s | final checkpoint {os.path.join(cfg.run_dir, 'final')} | "
               f"curves {plot_curves(cfg.run_dir)}", flush=True)
+    if preempted:
+        preemption.hand_over()
     return {"llm": llm, "policy": policy, "tokenizer": tokenizer, "cfg": cfg}
 
 
@@ -1210,7 +1215,8 @@ def train(cfg: Config, cluster: Cluster | None = None):
 # Fields a resumed run may change; any other difference from the checkpoint's config is refused.
 RESUMABLE_FIELDS = {"run_dir", "total_steps", "wandb_mode", "save_every", "keep_checkpoints",
                     "val_every", "val_samples", "val_max_problems", "submit", "slurm_partition", "slurm_account",
-                    "slurm_time_min", "slurm_gpus_per_node", "slurm_cpus_per_task"}
+                    "slurm_time_min", "slurm_gpus_per_node", "slurm_cpus_per_task", "slurm_constraint",
+                    "slurm_max_timeouts"}
 
 
 EXIT_PREEMPTED = 3  # exit status of a run stopped by USR2 after checkpointing: restart it to resume
@@ -1220,10 +1226,12 @@ class PreemptionWatch:
     """Slurm warns a job with SIGUSR2 before preempting it or at its time limit
     (`--signal=USR2@<seconds>`). The handler only takes note: the loop writes a
     checkpoint at the next step boundary, where the state is consistent, then hands
-    the signal to whoever handled it before (Submitit: requeue the job) and exits."""
+    the signal to whoever handled it before (Submitit: requeue the job) and exits.
+    A launcher's watch (`forward=True`) also passes the signal on to the processes it
+    started, for launches where only the launcher is signalled."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, forward: bool = False):
+        self.requested, self.forward = False, forward
         try:
             self.previous = signal.signal(signal.SIGUSR2, self.note)
         except ValueError:  # not the main thread: no signals to watch
@@ -1231,12 +1239,28 @@ class PreemptionWatch:
 
     def note(self, signum, frame):
         self.requested = True
+        for pid in child_pids() if self.forward else []:
+            os.kill(pid, signal.SIGUSR2)
 
     def hand_over(self):
         signal.signal(signal.SIGUSR2, self.previous or signal.SIG_DFL)
         if callable(self.previous):
             self.previous(signal.SIGUSR2, None)
         raise SystemExit(EXIT_PREEMPTED)
+
+
+def child_pids() -> list[int]:
+    """This process's children, from /proc (Linux, as Slurm is)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # "pid (name) state ppid ..."
+        except (OSError, ValueError, IndexError):  # not a process, or gone meanwhile
+            continue
+        if ppid == os.getpid():
+            pids.append(int(entry))
+    return pids
 
 
 def checkpoint_dirs(run_dir: str) -> list[str]:
@@ -1337,22 +1361,26 @@ def config_argv(cfg: Config) -> list[str]:
     return [a for f in dataclasses.fields(cfg) for a in (f"--{f.name}", str(getattr(cfg, f.name)))]
 
 
-def launch(cfg: Config, nnodes: int = 1, endpoint: str = "localhost:0", run_id: str = "") -> None:
+def launch(cfg: Config, nnodes: int = 1, endpoint: str = "localhost:0", run_id: str = "", node_rank: int = 0) -> None:
     """Start this node's `nproc_per_node` processes with torch elastic (torchrun's engine),
     each running this file in the role its rank gives it. When one dies, elastic stops the
-    others at once; the error names what died, by role."""
+    others at once; the error names what died, by role. A USR2 (preemption) is passed on
+    to them; once the trainers have checkpointed and stopped, it goes to Submitit."""
     import uuid
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    static = nnodes > 1  # node ranks as Slurm gave them, so the rollout nodes are the job's last ones
     config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=cfg.nproc_per_node,
-                          rdzv_backend="c10d", rdzv_endpoint=endpoint, run_id=run_id or uuid.uuid4().hex,
+                          rdzv_backend="static" if static else "c10d", rdzv_endpoint=endpoint,
+                          rdzv_configs={"rank": node_rank} if static else {}, run_id=run_id or uuid.uuid4().hex,
                           max_restarts=0, monitor_interval=0.5)
+    preemption = PreemptionWatch(forward=True)
     try:
         elastic_launch(config, sys.executable)("-u", os.path.abspath(__file__), *config_argv(cfg))
     except ChildFailedError as e:
+        if preemption.requested:  # checkpointed (exit 3), or too early to: requeue either way
+            preemption.hand_over()
         cluster = Cluster(process_roles(nnodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes))
-        if all(f.exitcode == EXIT_PREEMPTED for f in e.failures.values()):
-            raise SystemExit(EXIT_PREEMPTED)
         failed = [f"{cluster.name(rank)}, pid {f.pid}: " + (f"killed by {f.signal_name()}" if f.exitcode < 0
                                                                else f"exit status {f.exitcode}")
                   for rank, f in sorted(e.failures.items())]
@@ -1362,6 +1390,7 @@ def launch(cfg: Config, nnodes: int = 1, endpoint: str = "localhost:0", run_id: 
 
 def run_process(cfg: Config) -> None:
     """One process of a multi-process launch, in the role its rank gives it."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # Slurm signals every process; only trainers act on it
     threads = len(os.sched_getaffinity(0)) // int(os.environ["LOCAL_WORLD_SIZE"])
     torch.set_num_threads(max(1, threads))  # the node's cores, shared
     cluster = join_cluster(cfg)
@@ -1387,7 +1416,8 @@ class Job:
         else:
             import submitit
             env = submitit.helpers.TorchDistributedEnvironment()  # one task per node: rank = node
-            launch(cfg, env.world_size, f"{env.master_addr}:{env.master_port}", str(submitit.JobEnvironment().job_id))
+            launch(cfg, env.world_size, f"{env.master_addr}:{env.master_port}", str(submitit.JobEnvironment().job_id),
+                   env.rank)
         return os.path.join(cfg.run_dir, "final")
 
     def checkpoint(self, cfg: Config):
@@ -1395,13 +1425,13 @@ class Job:
         return submitit.helpers.DelayedSubmission(Job(), cfg)
 
 
-def submit_job(fn, arg, folder: str, name: str, **parameters):
+def submit_job(fn, arg, folder: str, name: str, max_timeouts: int = 3, **parameters):
     """Run fn(arg) as a Submitit job (Slurm where present, else a local process) and wait
     for it; the trainer and eval/evaluate.py both launch this way. Returns (job, result)."""
     import submitit
     root = os.path.dirname(os.path.abspath(__file__))
     os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")  # the job imports this repo
-    executor = submitit.AutoExecutor(folder=folder)
+    executor = submitit.AutoExecutor(folder=folder, slurm_max_num_timeout=max_timeouts)
     executor.update_parameters(name=name, tasks_per_node=1, **{"nodes": 1, **parameters})
     job = executor.submit(fn, arg)
     print(f"submitted job {job.job_id} ({executor.cluster}); its logs: {job.paths.stdout}", flush=True)
@@ -1415,7 +1445,7 @@ def submit(cfg: Config) -> str:
         Job(), cfg, os.path.join(cfg.run_dir, "submitit"), "dapo", nodes=cfg.slurm_nodes,
         timeout_min=cfg.slurm_time_min, cpus_per_task=cfg.slurm_cpus_per_task, gpus_per_node=cfg.slurm_gpus_per_node,
         slurm_partition=cfg.slurm_partition or None, slurm_account=cfg.slurm_account or None,
-        slurm_signal_delay_s=120)
+        slurm_constraint=cfg.slurm_constraint or None, slurm_signal_delay_s=120, max_timeouts=cfg.slurm_max_timeouts)
     print(f"job {job.job_id} done: {final}", flush=True)
     return final
 

@@ -108,19 +108,3 @@ def test_two_trainers_and_a_rollout_process_survive_a_killed_engine_by_resuming(
     for m in metrics:  # the engine samples from the trainers' policy, synced after every step
         assert m["actor/vllm_logprob_diff"] < 1e-3 and m["sampling/groups_kept"] == 4, m
     assert (tmp_path / "final" / "model.safetensors").exists()
-
-
-def test_a_two_node_slurm_job_trains_with_a_rollout_node(tiny_model_dir, tmp_path, local_slurm):
-    """Submitit to the local Slurm: node 1 the trainer, node 2 the rollout engine."""
-    proc = subprocess.run(
-        [sys.executable, "train_dapo.py", "--submit", "true", "--slurm_nodes", "2", "--rollout_nodes", "1",
-         "--slurm_cpus_per_task", "2", "--slurm_time_min", "60", "--model_path", tiny_model_dir, "--total_steps", "2",
-         "--prompts_per_step", "4", "--group_size", "8", "--gen_prompts_per_round", "16", "--mini_batch_size", "16",
-         "--val_data", "", "--wandb_mode", "disabled", "--run_dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "(slurm)" in proc.stdout and f"done: {tmp_path / 'final'}" in proc.stdout
-    logs = {n: open(tmp_path / "submitit" / n).read() for n in os.listdir(tmp_path / "submitit") if n.endswith(".out")}
-    assert any("trainer 0 (rank 0) on" in text and "step    2 |" in text for text in logs.values()), logs
-    assert any("rollout engine 0 (rank 1) on" in text for text in logs.values()), logs
-    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]

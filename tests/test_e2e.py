@@ -97,17 +97,3 @@ def test_bad_flag_is_named(tmp_path):
     proc = subprocess.run([sys.executable, "train_dapo.py", "--loss_agg_mode", "seq-sum", "--run_dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--loss_agg_mode" in proc.stderr and "seq-sum" in proc.stderr
-
-
-def test_the_script_submits_itself_as_a_submitit_job(tiny_model_dir, tmp_path):
-    """Through the local Slurm the tests start (conftest.py), by the Job callable that
-    Slurm requeues after a preemption."""
-    proc = subprocess.run(
-        [sys.executable, "train_dapo.py", "--submit", "true", "--model_path", tiny_model_dir, "--total_steps", "1",
-         "--prompts_per_step", "4", "--group_size", "8", "--gen_prompts_per_round", "16", "--mini_batch_size", "16",
-         "--val_data", "", "--wandb_mode", "disabled", "--run_dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "submitted job" in proc.stdout and "(slurm)" in proc.stdout and f"done: {tmp_path / 'final'}" in proc.stdout
-    assert (tmp_path / "final" / "model.safetensors").exists()
-    assert len(open(tmp_path / "metrics.jsonl").readlines()) == 1
