@@ -772,7 +772,9 @@ def compute_policy_loss(logprobs, old_logprobs, advantages, mask, eps_low: float
 def collect_batch(cfg: Config, llm, sampler: PromptSampler, step: int):
     """Generate in rounds until `prompts_per_step` informative groups (0 < #correct < G)
     are in hand; then exactly that many are trained on, so the batch size stays constant.
-    Without dynamic sampling: one round, every group kept."""
+    The last round's surplus is dropped (as the paper's code does): nothing pending
+    outlives a step, so a checkpoint holds no sample buffer. Without dynamic sampling: one
+    round, every group kept."""
     rows, responses, generated, rounds, all_groups = [], [], 0, 0, []
     while len(rows) < cfg.prompts_per_step:
         if rounds == cfg.max_gen_rounds:
