@@ -164,8 +164,10 @@ class Config:
     """responses per optimizer update; a step makes batch / mini_batch updates (paper: 512)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory for long responses, ~30% more compute"""
-    micro_batch_tokens: int = 4096
-    """token budget of one forward/backward: responses are packed, without padding, up to it"""
+    micro_batch_tokens: int = 1024
+    """token budget of one forward/backward, sequences grouped by length up to it; on CPU
+    small is fast (cache: 1024 took 0.7x the time of 4096 in bench/trl_compare.py's update);
+    on GPU as large as memory allows (--preset paper: 24576)"""
 
     # ---- validation
     val_every: int = 10
@@ -552,7 +554,7 @@ def make_optimizer(cfg: Config, model):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.999))
     # Stepped once per rollout step: linear warm-up, then constant (the paper's schedule).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     return optimizer, scheduler
 
 
@@ -962,8 +964,10 @@ def my_micro_batches(cfg: Config, batch: dict, indices: list[int]) -> list[list[
     """This trainer's share of `indices`, packed into micro-batches by token budget. The
     micro-batches go round-robin over the trainers, and every trainer gets the same count
     (FSDP's gathers are collective); a trainer short of one gets None: a pass of zero weight."""
-    lengths = [len(batch["prompt_ids"][i]) + len(batch["response_ids"][i]) for i in indices]
-    plan = [[indices[j] for j in group] for group in pack_micro_batches(lengths, cfg.micro_batch_tokens)]
+    length = {i: len(batch["prompt_ids"][i]) + len(batch["response_ids"][i]) for i in indices}
+    indices = sorted(indices, key=lambda i: -length[i])  # similar lengths together: little padding
+    plan = pack_micro_batches([length[i] for i in indices], cfg.micro_batch_tokens)
+    plan = [[indices[j] for j in group] for group in plan]
     rank, count = trainer_rank_and_count()
     mine = plan[rank::count]
     return mine + [None] * (-(-len(plan) // count) - len(mine))
@@ -980,19 +984,27 @@ def compute_old_logprobs(cfg: Config, policy: Policy, batch: dict) -> dict:
     """pi_old's log-probs, fixed for every update of this step; entropy and mean
     generation probability of the actor come from the same pass. Each trainer computes
     its micro-batches, then a sum over the trainers gives everyone the whole batch."""
-    B, T = batch["mask"].shape
-    device, dtype = batch["mask"].device, torch.promote_types(next(policy.parameters()).dtype, torch.float32)
-    old, entropy_sum = torch.zeros(B, T, device=device, dtype=dtype), torch.zeros(1, device=device, dtype=torch.float64)
-    for idx in my_micro_batches(cfg, batch, list(range(B))):
+    old, entropy_sum = old_logprob_buffers(policy, batch)
+    for idx in my_micro_batches(cfg, batch, list(range(len(old)))):
         lp, ent, _ = batch_logprobs(cfg, policy, batch, idx or [0], with_entropy=True)
         if idx is not None:
             old[idx, :lp.shape[1]] = lp
             entropy_sum += ent.sum()
-    batch["old_logprobs"], entropy_sum = all_sum(old), all_sum(entropy_sum)
+    batch["old_logprobs"] = all_sum(old)
+    return actor_metrics(batch, all_sum(entropy_sum))
+
+
+def old_logprob_buffers(policy: Policy, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = torch.promote_types(next(policy.parameters()).dtype, torch.float32)
+    return torch.zeros(batch["mask"].shape, device=batch["mask"].device, dtype=dtype), torch.zeros(1, dtype=torch.float64)
+
+
+def actor_metrics(batch: dict, entropy_sum: torch.Tensor) -> dict:
+    old = batch["old_logprobs"]
     valid = torch.zeros_like(old)
     for i, r in enumerate(batch["response_ids"]):
         valid[i, :len(r)] = 1.0
-    vllm_lp = pad_rows(torch.tensor([x for r in batch["vllm_logprobs"] for x in r], device=device),
+    vllm_lp = pad_rows(torch.tensor([x for r in batch["vllm_logprobs"] for x in r], device=old.device),
                        batch["response_ids"])
     n = valid.sum()
     return {"actor/entropy": float(entropy_sum) / float(n),
@@ -1009,20 +1021,27 @@ def dapo_token_loss(cfg: Config, batch: dict, idx: list[int], normalizer: torch.
     (seq-mean-token-mean); the mini-batch normaliser makes both sums exact."""
     lengths = [len(batch["response_ids"][i]) for i in idx]
     flat = lambda key: torch.cat([batch[key][i, :n] for i, n in zip(idx, lengths)])  # noqa: E731
-    old, mask = flat("old_logprobs"), flat("mask")
+    old, mask = flat("old_logprobs") if "old_logprobs" in batch else None, flat("mask")
     advantages = torch.cat([batch["advantages"][i].expand(n) for i, n in zip(idx, lengths)])
     if cfg.loss_agg_mode == "seq-mean-token-mean":
         mask = mask / torch.cat([batch["mask"][i].sum().clamp(min=1).expand(n) for i, n in zip(idx, lengths)])
     return lambda logprobs, s, e: compute_policy_loss(
-        logprobs[:, None], old[s:e, None], advantages[s:e], mask[s:e, None], cfg.eps_low, cfg.eps_high,
-        "token-mean", normalizer, cfg.dual_clip_c)[0]
+        logprobs[:, None], (logprobs.detach() if old is None else old[s:e])[:, None], advantages[s:e],
+        mask[s:e, None], cfg.eps_low, cfg.eps_high, "token-mean", normalizer, cfg.dual_clip_c)[0]
 
 
 def update_policy(cfg: Config, policy: Policy, optimizer, batch: dict, generator: torch.Generator) -> dict:
     """Mini-batch updates over the step's responses; within a mini-batch the loss is
     normalised by its global count of valid tokens (or sequences), so neither the split
-    into micro-batches nor the number of trainers changes the gradient."""
+    into micro-batches nor the number of trainers changes the gradient. Without old
+    log-probs in the batch (one update a step, see train_step) pi_old is the policy as it
+    stands: each pass's own log-probs, detached, serve, and are kept for the metrics."""
     B = batch["mask"].shape[0]
+    reuse = "old_logprobs" not in batch
+    if reuse and B > cfg.mini_batch_size:
+        raise ValueError("update_policy: more than one update a step needs the old log-probs (compute_old_logprobs)")
+    if reuse:
+        old_seen, entropy_sum = old_logprob_buffers(policy, batch)
     order = torch.randperm(B, generator=generator).tolist()  # the same on every trainer: same seed
     trainers = trainer_rank_and_count()[1]
     sums = torch.zeros(6, dtype=torch.float64)  # clipfrac_low, clipfrac_high, approx_kl (token-weighted), tokens,
@@ -1034,11 +1053,14 @@ def update_policy(cfg: Config, policy: Policy, optimizer, batch: dict, generator
         for idx in my_micro_batches(cfg, batch, mini):
             weight = 0.0 if idx is None else 1.0
             idx = idx or mini[:1]
-            logprobs, _, loss = batch_logprobs(cfg, policy, batch, idx,
-                                               token_loss=dapo_token_loss(cfg, batch, idx, normalizer))
+            logprobs, entropy, loss = batch_logprobs(cfg, policy, batch, idx, with_entropy=reuse,
+                                                     token_loss=dapo_token_loss(cfg, batch, idx, normalizer))
             T = logprobs.shape[1]
+            old = logprobs if reuse else batch["old_logprobs"][idx, :T]
+            if reuse and weight:
+                old_seen[idx, :T], entropy_sum = logprobs, entropy_sum + entropy.sum()
             _, m = compute_policy_loss(
-                logprobs, batch["old_logprobs"][idx, :T], batch["advantages"][idx], batch["mask"][idx, :T],
+                logprobs, old, batch["advantages"][idx], batch["mask"][idx, :T],
                 cfg.eps_low, cfg.eps_high, cfg.loss_agg_mode, normalizer, cfg.dual_clip_c)
             # the loss is this micro-batch's share of the mini-batch's; FSDP averages gradients
             # over the trainers, so scale by their count to sum them instead
@@ -1055,9 +1077,13 @@ def update_policy(cfg: Config, policy: Policy, optimizer, batch: dict, generator
         updates += 1
     low, high, kl, tokens, pg_loss, update_tokens = all_sum(sums).tolist()
     tokens = max(tokens, 1.0)
-    return {"actor/clipfrac_low": low / tokens, "actor/clipfrac_high": high / tokens, "actor/approx_kl": kl / tokens,
-            "actor/pg_loss": pg_loss / updates, "actor/grad_norm": grad_norm / updates,
-            "actor/updates": updates, "update_tokens": int(update_tokens)}
+    if reuse:
+        batch["old_logprobs"] = all_sum(old_seen)
+    metrics = actor_metrics(batch, all_sum(entropy_sum)) if reuse else {}
+    return metrics | {"actor/clipfrac_low": low / tokens, "actor/clipfrac_high": high / tokens,
+                      "actor/approx_kl": kl / tokens, "actor/pg_loss": pg_loss / updates,
+                      "actor/grad_norm": grad_norm / updates, "actor/updates": updates,
+                      "update_tokens": int(update_tokens)}
 
 
 # =============================================================================== Validation
@@ -1098,7 +1124,8 @@ def train_step(cfg: Config, step: int, llm, policy, optimizer, scheduler, sample
     t1 = time.time()
     device = next(policy.parameters()).device
     batch["advantages"], batch["mask"] = batch["advantages"].to(device), batch["mask"].to(device)
-    metrics |= compute_old_logprobs(cfg, policy, batch)
+    if cfg.mini_batch_size < len(batch["response_ids"]):  # else one update: its own pass gives pi_old (as TRL)
+        metrics |= compute_old_logprobs(cfg, policy, batch)
     t2 = time.time()
     metrics |= update_policy(cfg, policy, optimizer, batch, generator)
     scheduler.step()

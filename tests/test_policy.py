@@ -82,6 +82,34 @@ def test_micro_batch_split_and_checkpointing_do_not_change_the_update(model, mod
     torch.testing.assert_close(deltas[3], deltas[1], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_one_update_a_step_takes_pi_old_from_its_own_pass(model, mode):
+    """With one update a step pi_old is the policy as it stands, so the update's own
+    log-probs (detached) stand in for a separate old-log-prob pass: the same update, the
+    same old log-probs and actor metrics. More than one update without them is refused."""
+    cfg = resolve(Config(mini_batch_size=12, prompts_per_step=3, group_size=4, micro_batch_tokens=80,
+                         max_prompt_len=12, max_response_len=16, overlong_cache_len=4, grad_clip=1e9,
+                         loss_agg_mode=mode, run_dir="unused"))
+    runs = []
+    for separate in (True, False):
+        m, batch = copy.deepcopy(model), make_batch()
+        metrics = compute_old_logprobs(cfg, m, batch) if separate else {}
+        before = [p.detach().clone() for p in m.parameters()]
+        metrics |= update_policy(cfg, m, torch.optim.SGD(m.parameters(), lr=1.0), batch, torch.Generator().manual_seed(0))
+        runs.append((torch.cat([(p.detach() - b).flatten() for p, b in zip(m.parameters(), before)]), metrics,
+                     batch["old_logprobs"]))
+    (delta, metrics, old), (delta_reused, metrics_reused, old_reused) = runs
+    assert delta.abs().max() > 1e-4
+    torch.testing.assert_close(delta_reused, delta, rtol=0, atol=1e-10)
+    torch.testing.assert_close(old_reused, old, rtol=0, atol=1e-10)
+    for key in ("actor/entropy", "actor/gen_prob_mean", "actor/vllm_logprob_diff", "actor/clipfrac_high"):
+        assert metrics_reused[key] == pytest.approx(metrics[key], rel=1e-9, abs=1e-12), key
+    cfg.mini_batch_size = 4
+    with pytest.raises(ValueError, match="more than one update a step needs the old log-probs"):
+        update_policy(cfg, copy.deepcopy(model), torch.optim.SGD(model.parameters(), lr=1.0), make_batch(),
+                      torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_chunked_logprobs_equal_full_logits_in_value_and_gradient(chunk, temperature):

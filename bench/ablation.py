@@ -1,0 +1,117 @@
+"""The paper's Table 1, small: naive GRPO, then DAPO's techniques added one at a time, each
+row trained at the same budget (steps) on the CPU demo's task, several seeds each.
+
+    python bench/ablation.py                       # 6 rows x 3 seeds, about an hour on 2 cores
+    python bench/ablation.py --steps 10 --seeds 0  # a quick look
+
+Every run is `train_dapo.py` with the row's flags (below), in its own process; runs that
+already finished in --out are reused, so an interrupted ablation continues where it
+stopped. Prints a markdown table (final held-out accuracy, mean and spread over seeds;
+steps to --target) and writes ablation.json and ablation.png into --out.
+
+The responses' cap is tighter than the demo's (--max_response_len 32, --overlong_cache_len
+8; the base model answers in about 24 tokens) so that overlong filtering and the soft
+punishment have responses to act on."""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Cumulative, as in the paper's Table 1: each row is the previous one plus one technique.
+ROWS = [
+    ("naive GRPO", ["--preset", "grpo"]),
+    ("+ overlong filtering", ["--overlong_filtering", "true"]),
+    ("+ clip-higher", ["--eps_high", "0.28"]),
+    ("+ soft overlong punishment", ["--overlong_punishment", "true"]),
+    ("+ token-level loss", ["--loss_agg_mode", "token-mean"]),
+    ("+ dynamic sampling (DAPO)", ["--dynamic_sampling", "true"]),
+]
+COMMON = ["--max_response_len", "32", "--overlong_cache_len", "8", "--val_every", "10", "--val_max_problems", "100",
+          "--val_samples", "4", "--save_every", "1000", "--wandb_mode", "disabled"]
+
+
+def row_flags(i: int) -> list[str]:
+    return [flag for _, flags in ROWS[:i + 1] for flag in flags]
+
+
+def run(out: str, i: int, seed: int, steps: int) -> list[dict]:
+    run_dir = os.path.join(out, f"row{i}-seed{seed}")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(os.path.join(run_dir, "final")):
+        command = [sys.executable, os.path.join(ROOT, "train_dapo.py"), *row_flags(i), *COMMON, "--seed", str(seed),
+                   "--total_steps", str(steps), "--run_dir", run_dir]
+        t0 = time.time()
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        if proc.returncode != 0:
+            raise SystemExit(f"{ROWS[i][0]}, seed {seed} failed ({' '.join(command)}):\n{proc.stderr[-3000:]}")
+        print(f"  {ROWS[i][0]:28s} seed {seed}: {time.time() - t0:.0f}s", flush=True)
+    with open(metrics) as f:
+        return [json.loads(line) for line in f]
+
+
+def curve(rows: list[dict]) -> list[tuple[int, float]]:
+    return [(r["step"], r["val/acc"]) for r in rows if "val/acc" in r]
+
+
+def steps_to(points: list[tuple[int, float]], target: float):
+    return next((step for step, acc in points if acc >= target), None)
+
+
+def summarize(results: dict, target: float) -> str:
+    lines = ["| row | final held-out acc (mean ± sd) | per seed | steps to acc >= %.2f (per seed) |" % target,
+             "|---|---|---|---|"]
+    for i, (name, _) in enumerate(ROWS):
+        curves = [curve(rows) for rows in results[i]]
+        finals = [c[-1][1] for c in curves]
+        sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        reach = [steps_to(c, target) for c in curves]
+        lines.append(f"| {name} | {statistics.mean(finals):.3f} ± {sd:.3f} | "
+                     f"{', '.join(f'{a:.3f}' for a in finals)} | "
+                     f"{', '.join('-' if s is None else str(s) for s in reach)} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (name, _) in enumerate(ROWS):
+        curves = [curve(rows) for rows in results[i]]
+        steps = [s for s, _ in curves[0]]
+        mean = [statistics.mean(c[k][1] for c in curves) for k in range(len(steps))]
+        lo = [min(c[k][1] for c in curves) for k in range(len(steps))]
+        hi = [max(c[k][1] for c in curves) for k in range(len(steps))]
+        line, = ax.plot(steps, mean, label=name)
+        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out accuracy (mean over seeds; band: min-max)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--target", type=float, default=0.50, help="held-out accuracy for the steps-to column")
+    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "ablation"))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    results = {i: [run(args.out, i, seed, args.steps) for seed in args.seeds] for i in range(len(ROWS))}
+    table = summarize(results, args.target)
+    plot(results, os.path.join(args.out, "ablation.png"))
+    with open(os.path.join(args.out, "ablation.json"), "w") as f:
+        json.dump({"rows": [name for name, _ in ROWS], "seeds": args.seeds, "steps": args.steps,
+                   "curves": {ROWS[i][0]: [curve(r) for r in results[i]] for i in results}}, f, indent=1)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
