@@ -1404,9 +1404,14 @@ def launch(cfg: Config, nnodes: int = 1, endpoint: str = "localhost:0", run_id: 
                           rdzv_configs={"rank": node_rank} if static else {}, run_id=run_id or uuid.uuid4().hex,
                           max_restarts=0, monitor_interval=0.5)
     preemption = PreemptionWatch(forward=True)
+    # elastic installs handlers that raise on these and leaves them installed; Submitit's
+    # requeue below draws a SIGTERM from Slurm, which must not interrupt it
+    kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
     try:
         elastic_launch(config, sys.executable)("-u", os.path.abspath(__file__), *config_argv(cfg))
     except ChildFailedError as e:
+        for s, handler in kept.items():
+            signal.signal(s, handler)
         if preemption.requested:  # checkpointed (exit 3), or too early to: requeue either way
             preemption.hand_over()
         cluster = Cluster(process_roles(nnodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes))

@@ -104,5 +104,5 @@ for _ in $(seq 60); do
   [ "$(sinfo -h -o %T 2>/dev/null | grep -c idle)" -ge 1 ] && break
   sleep 0.5
 done
-sinfo -h -o %T | grep -q idle || { echo "slurm did not come up: see $dir/log" >&2; exit 1; }
+sinfo -h -o %T | grep -q idle || { echo "slurm did not come up: see $dir/log" >&2; stop; exit 1; }
 echo "export SLURM_CONF=$SLURM_CONF PATH=$dir/bin:\$PATH"
