@@ -6,8 +6,8 @@ import torch
 
 from demo.base_model import build_model, build_tokenizer
 import train_dapo
-from train_dapo import (Config, Policy, compute_old_logprobs, compute_policy_loss, dapo_token_loss, pack_micro_batches,
-                        policy_logprobs, resolve, update_policy)
+from train_dapo import (Config, Policy, compute_old_logprobs, compute_policy_loss, dapo_token_loss, my_micro_batches,
+                        pack_micro_batches, policy_logprobs, resolve, update_policy)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,19 @@ def test_pack_micro_batches_respects_the_budget():
     assert [i for g in groups for i in g] == list(range(7))
     assert all(sum(lengths[i] for i in g) <= 12 for g in groups)
     assert groups == [[0], [1, 2], [3], [4, 5, 6]]
+
+
+def test_micro_batches_group_similar_lengths_within_the_budget():
+    """Longest first, so a padded micro-batch wastes little; every index exactly once."""
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(1, 40, (30,), generator=g).tolist()
+    batch = {"prompt_ids": [[0] * 3] * 30, "response_ids": [[0] * n for n in lengths]}
+    plan = my_micro_batches(Config(micro_batch_tokens=100), batch, list(range(30)))
+    total = [[3 + lengths[i] for i in group] for group in plan]
+    assert sorted(i for group in plan for i in group) == list(range(30))
+    assert all(sum(t) <= 100 for t in total)
+    flat = [t for group in total for t in group]
+    assert flat == sorted(flat, reverse=True)
 
 
 def make_batch(mode_seed=0, n=12):

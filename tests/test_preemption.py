@@ -12,10 +12,10 @@ import time
 
 import pytest
 
+from test_checkpoint import step_metrics
 from train_dapo import checkpoint_dirs, parse_config, process_roles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = ("time/", "throughput/", "sync/")
 STEPS = 8
 
 
@@ -23,12 +23,6 @@ def run_flags(model_dir, run_dir):
     return ["--model_path", model_dir, "--run_dir", str(run_dir), "--total_steps", str(STEPS), "--save_every", "100",
             "--prompts_per_step", "4", "--group_size", "8", "--gen_prompts_per_round", "16", "--mini_batch_size", "16",
             "--val_data", "", "--wandb_mode", "disabled"]
-
-
-def step_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows}
 
 
 def run(command, **kwargs):
