@@ -91,7 +91,7 @@ def main():
     naive = next((r for r in rows if r["variant"] == "naive"), rows[0])
     print(f"\nlog-prob + DAPO loss, forward + backward: hidden {args.hidden}, vocab {args.vocab}, "
           f"{args.seqs} x {args.tokens // args.seqs} tokens, fp32, {os.cpu_count()} CPU threads")
-    print(f"| variant | seconds | x naive | peak RSS GB | above inputs GB | x naive | loss | grad norm |")
+    print("| variant | seconds | x naive | peak RSS GB | above inputs GB | x naive | loss | grad norm |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['seconds']:.1f} | {r['seconds'] / naive['seconds']:.2f} | {r['peak_gb']:.2f} | "
