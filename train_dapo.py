@@ -1394,8 +1394,10 @@ def launch(cfg: Config, nnodes: int = 1, endpoint: str = "localhost:0", run_id: 
     """Start this node's `nproc_per_node` processes with torch elastic (torchrun's engine),
     each running this file in the role its rank gives it. When one dies, elastic stops the
     others at once; the error names what died, by role. A USR2 (preemption) is passed on
-    to them; once the trainers have checkpointed and stopped, it goes to Submitit."""
+    to them; once the trainers have checkpointed and stopped, it goes to Submitit, whose
+    requeue ends the other nodes' attempt (Slurm's SIGTERM) with the preemption status."""
     import uuid
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     static = nnodes > 1  # node ranks as Slurm gave them, so the rollout nodes are the job's last ones
@@ -1409,9 +1411,13 @@ def launch(cfg: Config, nnodes: int = 1, endpoint: str = "localhost:0", run_id: 
     kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
     try:
         elastic_launch(config, sys.executable)("-u", os.path.abspath(__file__), *config_argv(cfg))
-    except ChildFailedError as e:
+    except (ChildFailedError, SignalException) as e:
         for s, handler in kept.items():
             signal.signal(s, handler)
+        if isinstance(e, SignalException):  # elastic stopped its processes on Slurm's SIGTERM
+            if preemption.requested:  # the requeue another node's trainers asked for: not an error
+                raise SystemExit(EXIT_PREEMPTED) from None
+            raise
         if preemption.requested:  # checkpointed (exit 3), or too early to: requeue either way
             preemption.hand_over()
         cluster = Cluster(process_roles(nnodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes))
