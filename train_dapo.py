@@ -1406,18 +1406,18 @@ def launch(cfg: Config, nnodes: int = 1, endpoint: str = "localhost:0", run_id: 
                           rdzv_configs={"rank": node_rank} if static else {}, run_id=run_id or uuid.uuid4().hex,
                           max_restarts=0, monitor_interval=0.5)
     preemption = PreemptionWatch(forward=True)
-    # elastic installs handlers that raise on these and leaves them installed; Submitit's
-    # requeue below draws a SIGTERM from Slurm, which must not interrupt it
     kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
     try:
-        elastic_launch(config, sys.executable)("-u", os.path.abspath(__file__), *config_argv(cfg))
-    except (ChildFailedError, SignalException) as e:
-        for s, handler in kept.items():
-            signal.signal(s, handler)
-        if isinstance(e, SignalException):  # elastic stopped its processes on Slurm's SIGTERM
-            if preemption.requested:  # the requeue another node's trainers asked for: not an error
-                raise SystemExit(EXIT_PREEMPTED) from None
-            raise
+        try:
+            elastic_launch(config, sys.executable)("-u", os.path.abspath(__file__), *config_argv(cfg))
+        finally:  # elastic leaves handlers that raise on these; the SIGTERM Slurm sends for a
+            for s, handler in kept.items():  # requeue must not interrupt Submitit, in any node
+                signal.signal(s, handler)
+    except SignalException:  # elastic stopped its processes on Slurm's SIGTERM
+        if preemption.requested:  # the requeue another node's trainers asked for: not an error
+            raise SystemExit(EXIT_PREEMPTED) from None
+        raise
+    except ChildFailedError as e:
         if preemption.requested:  # checkpointed (exit 3), or too early to: requeue either way
             preemption.hand_over()
         cluster = Cluster(process_roles(nnodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes))

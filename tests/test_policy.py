@@ -118,9 +118,9 @@ def test_one_update_a_step_takes_pi_old_from_its_own_pass(model, mode):
     for key in ("actor/entropy", "actor/gen_prob_mean", "actor/vllm_logprob_diff", "actor/clipfrac_high"):
         assert metrics_reused[key] == pytest.approx(metrics[key], rel=1e-9, abs=1e-12), key
     cfg.mini_batch_size = 4
+    m = copy.deepcopy(model)
     with pytest.raises(ValueError, match="more than one update a step needs the old log-probs"):
-        update_policy(cfg, copy.deepcopy(model), torch.optim.SGD(model.parameters(), lr=1.0), make_batch(),
-                      torch.Generator().manual_seed(0))
+        update_policy(cfg, m, torch.optim.SGD(m.parameters(), lr=1.0), make_batch(), torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
