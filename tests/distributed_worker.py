@@ -59,7 +59,7 @@ def check_update(out: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     train_dapo.join_cluster(resolve(Config(run_dir="unused")))
     policy = tiny_policy()
-    train_dapo.shard_policy(policy)
+    train_dapo.shard_policy(policy, torch.float32)
     metrics = update_policy_once(policy)
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if torch.distributed.get_rank() == 0:
@@ -84,7 +84,7 @@ def check_sync(out: str, model: str) -> None:
     cluster = train_dapo.join_cluster(cfg)
     if cluster.roles[cluster.rank] == "rollout":
         return train_dapo.serve_rollouts(cfg, cluster)
-    policy, tokenizer, _ = train_dapo.build_or_load_policy(cfg)
+    policy, tokenizer = train_dapo.build_or_load_policy(cfg, model)
     loaded_like_the_file(policy, model)
     with torch.no_grad():  # weights no engine has seen: each rank moves its own shards
         for p in policy.parameters():
