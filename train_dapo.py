@@ -1198,7 +1198,7 @@ def rollout_metrics(cfg: Config, all_groups, batch) -> dict:
 
 def train_step(cfg: Config, step: int, llm, policy, optimizer, scheduler, sampler, generator) -> dict:
     """One rollout step. The driver generates and scores; every trainer takes part in the
-    old log-probs, the update and the weight sync."""
+    learning and the weight sync."""
     t0 = time.time()
     batch, metrics = None, {}
     if llm is not None:
@@ -1208,19 +1208,27 @@ def train_step(cfg: Config, step: int, llm, policy, optimizer, scheduler, sample
         metrics["throughput/rollout_tokens_per_s"] = metrics.pop("rollout_tokens") / (time.time() - t0)
     batch = from_driver(batch)
     t1 = time.time()
+    metrics |= learn(cfg, policy, optimizer, scheduler, batch, generator)
+    metrics |= sync_weights(cfg, llm, policy)
+    return metrics | {"time/rollout": t1 - t0, "time/step": time.time() - t0}
+
+
+def learn(cfg: Config, policy, optimizer, scheduler, batch: dict, generator) -> dict:
+    """The trainers' half of a step: the batch's tensors onto the policy's device, pi_old's
+    log-probs, the updates, the learning-rate schedule."""
+    t0 = time.time()
     device = next(policy.parameters()).device
     batch["advantages"], batch["mask"] = batch["advantages"].to(device), batch["mask"].to(device)
+    metrics = {}
     if cfg.mini_batch_size < len(batch["response_ids"]):  # else one update: its own pass gives pi_old (as TRL)
         metrics |= compute_old_logprobs(cfg, policy, batch)
-    t2 = time.time()
+    t1 = time.time()
     metrics |= update_policy(cfg, policy, optimizer, batch, generator)
     scheduler.step()
-    t3 = time.time()
-    metrics |= sync_weights(cfg, llm, policy)
-    metrics |= {"time/rollout": t1 - t0, "time/old_logprobs": t2 - t1, "time/update": t3 - t2,
-                "time/step": time.time() - t0, "actor/lr": optimizer.param_groups[0]["lr"],
-                "throughput/update_tokens_per_s": metrics.pop("update_tokens") / (t3 - t2)}
-    return metrics
+    t2 = time.time()
+    tokens = metrics.pop("update_tokens")
+    return metrics | {"time/old_logprobs": t1 - t0, "time/update": t2 - t1, "actor/lr": optimizer.param_groups[0]["lr"],
+                      "throughput/update_tokens_per_s": tokens / (t2 - t1)}
 
 
 def plot_curves(run_dir: str) -> str:
