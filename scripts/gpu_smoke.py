@@ -106,13 +106,19 @@ def some_weights(policy) -> dict:
     return {n: state[n].full_tensor().detach().float().cpu().clone() for n in names}
 
 
-def learn_once(cfg: T.Config, batch: dict) -> tuple[dict, dict, dict]:
-    """A fresh policy learns from `batch` once: metrics, and a few full weights before and after."""
+def learn_once(cfg: T.Config, batch: dict, again: bool = False) -> tuple[dict, dict, dict]:
+    """A fresh policy learns from `batch` once: metrics, and a few full weights before and
+    after. again: then once more, warm (Triton compiles Liger's kernels on first use), and
+    that pass's timings replace the first's."""
     policy, _ = T.build_or_load_policy(cfg, cfg.model_path)
     optimizer, scheduler = T.make_optimizer(cfg, policy)
     before = some_weights(policy)
-    metrics = T.learn(cfg, policy, optimizer, scheduler, batch, torch.Generator().manual_seed(0))
-    return metrics, before, some_weights(policy)
+    metrics = T.learn(cfg, policy, optimizer, scheduler, dict(batch), torch.Generator().manual_seed(0))
+    after = some_weights(policy)
+    if again:
+        warm = T.learn(cfg, policy, optimizer, scheduler, dict(batch), torch.Generator().manual_seed(0))
+        metrics |= {k: v for k, v in warm.items() if k.startswith(("time/", "throughput/"))}
+    return metrics, before, after
 
 
 def run_checks(args) -> None:
@@ -148,26 +154,30 @@ def run_checks(args) -> None:
     @check(f"learn: pi_old pass + 2 updates, {len(batch['mask'])} responses, {tokens} tokens, "
            f"{cfg.micro_batch_tokens}-token micro-batches")
     def separate_pass():
-        metrics, _, _ = learn_once(cfg, dict(batch))
+        metrics, _, _ = learn_once(cfg, batch, again=True)
         finite = all(v == v and abs(v) != float("inf") for v in metrics.values() if isinstance(v, float))
         return finite and metrics["actor/updates"] == 2, (
-            f"old log-probs {metrics['time/old_logprobs']:.2f} s, update {metrics['time/update']:.2f} s, "
+            f"warm: old log-probs {metrics['time/old_logprobs']:.2f} s, update {metrics['time/update']:.2f} s, "
             f"{metrics['throughput/update_tokens_per_s']:.0f} tok/s, entropy {metrics['actor/entropy']:.2f}, "
             f"grad norm {metrics['actor/grad_norm']:.3g}")
 
     @check("learn: one update with pi_old from its own pass = one update after a separate pass")
     def reuse_pass():
         one = smoke_config(path, cfg.run_dir, mini_batch_size=len(batch["mask"]))
-        reused, _, w_reused = learn_once(one, dict(batch))
+        reused, w_initial, w_reused = learn_once(one, batch)
         separate = dict(batch)
         policy, _ = T.build_or_load_policy(one, path)
         T.compute_old_logprobs(one, policy, separate)
         del policy
-        passed, w_initial, w_passed = learn_once(one, separate)
-        gap = max(float((w_reused[n] - w_passed[n]).abs().max()) for n in w_reused)
-        step = max(float((w_passed[n] - w_initial[n]).abs().max()) for n in w_passed)
-        return gap < 0.1 * step, (f"weights differ by {gap:.2e} against an update of {step:.2e}; "
-                                  f"pg_loss {reused['actor/pg_loss']:.4f} vs {passed['actor/pg_loss']:.4f}")
+        passed, _, w_passed = learn_once(one, separate)
+        # Adam's first step is about lr x sign(gradient), and bf16 noise flips the sign of the
+        # smallest gradients: compare the gradient norm and the update's direction instead
+        norms = reused["actor/grad_norm"], passed["actor/grad_norm"]
+        a, b = (torch.cat([(w[n] - w_initial[n]).flatten() for n in w]) for w in (w_reused, w_passed))
+        cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+        return abs(norms[0] - norms[1]) < 0.01 * norms[1] and cosine > 0.9, (
+            f"grad norm {norms[0]:.4g} vs {norms[1]:.4g}, cosine of the updates {cosine:.3f}, "
+            f"pg_loss {reused['actor/pg_loss']:.4g} vs {passed['actor/pg_loss']:.4g}")
 
     @check("checkpoint: DCP save and load on the GPU, then the HF export")
     def checkpoint():
@@ -180,7 +190,7 @@ def run_checks(args) -> None:
         again, _ = T.build_or_load_policy(cfg, path)
         optimizer2, scheduler2 = T.make_optimizer(cfg, again)
         T.load_checkpoint(cfg, saved, again, optimizer2, scheduler2, sampler, generator)
-        gap = max(float((a.full_tensor() - b.full_tensor()).abs().max())
+        gap = max(float((a.full_tensor() - b.full_tensor()).detach().abs().max())
                   for a, b in zip(policy.parameters(), again.parameters()))
         T.save_hf(again, tokenizer, os.path.join(work, "exported"))
         return gap == 0.0, f"restored weights differ by {gap}; exported to {work}/exported"

@@ -4,6 +4,8 @@
 
 update: every process a trainer; one DAPO update of a tiny Qwen2 sharded with FSDP2.
         The trainers' full weights after it, and its metrics, go to OUT (rank 0).
+grads:  every process a trainer; the full gradient of one DAPO update (FSDP2, compute in
+        the dtype given) goes to OUT (rank 0).
 sync:   trainers plus one rollout process. The trainers move their weights, sync them to
         the engine, and save them; the driver writes the engine's greedy answers to OUT."""
 import json
@@ -47,6 +49,46 @@ def update_policy_once(policy: Policy) -> dict:
     train_dapo.compute_old_logprobs(cfg, policy, batch)
     batch["old_logprobs"] = batch["old_logprobs"] - 0.3 * batch["mask"]  # ratios away from 1: clipping active
     return train_dapo.update_policy(cfg, policy, optimizer, batch, torch.Generator().manual_seed(0))
+
+
+class GradientCapture:
+    """Stands in for the optimizer: keeps the full gradient it is asked to step with."""
+
+    def __init__(self, policy: Policy):
+        self.policy, self.param_groups, self.grads = policy, [{"lr": 0.0}], {}
+
+    def step(self) -> None:
+        for name, p in self.policy.named_parameters():
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            self.grads[name] = g.detach().double().clone()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.policy.parameters():
+            p.grad = None
+
+
+def update_gradient(policy: Policy) -> dict:
+    """The gradient of one whole-batch update whose ratios fall on both sides of 1 and past
+    both clip bounds, so tokens of both advantage signs carry gradient."""
+    cfg = resolve(Config(mini_batch_size=12, prompts_per_step=3, group_size=4, micro_batch_tokens=40,
+                         max_prompt_len=12, max_response_len=16, overlong_cache_len=4, grad_clip=1e9,
+                         run_dir="unused"))
+    batch = update_batch()
+    train_dapo.compute_old_logprobs(cfg, policy, batch)
+    shift = 0.4 * torch.randn(batch["mask"].shape, generator=torch.Generator().manual_seed(3))
+    batch["old_logprobs"] = batch["old_logprobs"] + shift * batch["mask"]
+    capture = GradientCapture(policy)
+    train_dapo.update_policy(cfg, policy, capture, batch, torch.Generator().manual_seed(0))
+    return capture.grads
+
+
+def check_grads(out: str, dtype: str) -> None:
+    train_dapo.join_cluster(resolve(Config(run_dir="unused")))
+    policy = tiny_policy()
+    train_dapo.shard_policy(policy, getattr(torch, dtype))
+    grads = update_gradient(policy)
+    if torch.distributed.get_rank() == 0:
+        torch.save(grads, out)
 
 
 def tiny_policy() -> Policy:
@@ -101,5 +143,10 @@ def check_sync(out: str, model: str) -> None:
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
-    check_update(out) if mode == "update" else check_sync(out, sys.argv[3])
+    if mode == "update":
+        check_update(out)
+    elif mode == "grads":
+        check_grads(out, sys.argv[3])
+    else:
+        check_sync(out, sys.argv[3])
     train_dapo.leave_cluster()

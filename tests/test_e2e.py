@@ -29,6 +29,7 @@ def trained(tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     cfg = resolve(Config(model_path=tiny_model_dir, total_steps=2, prompts_per_step=4, group_size=8,
                          gen_prompts_per_round=16, mini_batch_size=16, lr=2e-3, warmup_steps=1, val_data="",
+                         save_every=100, save_every_min=1e-6, keep_checkpoints=5,  # by time: every step
                          wandb_mode="disabled", run_dir=str(run_dir)))
     return train(cfg)
 
@@ -47,6 +48,10 @@ def test_two_dapo_steps_log_what_the_paper_monitors(trained):
         # vLLM samples from the policy the trainer holds: both see the same log-probs
         assert m["actor/vllm_logprob_diff"] < 1e-3
     assert os.path.exists(os.path.join(trained["cfg"].run_dir, "curves.png"))
+    # --save_every_min elapsed after step 1 (--save_every 100 alone would save only the last)
+    assert sorted(os.listdir(os.path.join(trained["cfg"].run_dir, "checkpoints"))) == ["step-1", "step-2"]
+    # one process: still FSDP2 (a group of one), as every GPU run computes
+    assert type(next(trained["policy"].parameters())).__name__ == "DTensor"
     run = json.load(open(os.path.join(trained["cfg"].run_dir, "run.json")))
     assert run["config"]["total_steps"] == 2
 

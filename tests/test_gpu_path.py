@@ -1,0 +1,127 @@
+"""The GPU path's branches that run on CPU: which GPUs each process of a launch owns,
+bf16 compute over fp32 master weights under FSDP2 (a group of one and of two), buffers made
+where the policy lives, and the GPU smoke test refusing to run without a GPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_dapo
+from distributed_worker import tiny_policy, update_gradient
+from test_distributed import torchrun
+from train_dapo import assign_gpus, parse_config, process_roles
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (flags, GPUs per node): the README's layouts and slurm/'s, as a user would run them on GPUs
+LAYOUTS = [
+    (["--nproc_per_node", "3", "--rollout_nodes", "1"], 3),
+    (["--nproc_per_node", "8", "--rollout_nodes", "1"], 8),
+    (["--nproc_per_node", "5", "--rollout_nodes", "1", "--tensor_parallel_size", "4"], 8),
+    (["--slurm_nodes", "2", "--rollout_nodes", "1", "--slurm_gpus_per_node", "1"], 1),  # slurm/small.sh on GPUs
+    (["--slurm_nodes", "16", "--nproc_per_node", "8", "--rollout_nodes", "8", "--tensor_parallel_size", "8",
+      "--slurm_gpus_per_node", "8"], 8),                                                 # slurm/qwen2.5-32b.sh
+]
+
+
+@pytest.mark.parametrize("flags, gpus", LAYOUTS)
+def test_every_process_of_a_layout_owns_disjoint_gpus(flags, gpus):
+    cfg = parse_config(flags + ["--run_dir", "unused"])
+    nodes = cfg.slurm_nodes
+    roles = process_roles(nodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes)
+    for node in range(nodes):
+        ranks = range(node * cfg.nproc_per_node, (node + 1) * cfg.nproc_per_node)
+        owned = {r: assign_gpus(roles, r, cfg.nproc_per_node, cfg.tensor_parallel_size, gpus) for r in ranks}
+        taken = [g for r in ranks for g in owned[r]]
+        assert len(taken) == len(set(taken)) and all(0 <= g < gpus for g in taken), owned
+        for r in ranks:
+            expected = {"trainer": 1, "rollout": cfg.tensor_parallel_size, "standby": 0}[roles[r]]
+            assert len(owned[r]) == expected, (r, roles[r], owned[r])
+
+
+def test_engines_take_the_gpus_after_their_nodes_trainers():
+    roles = process_roles(8, 8, 1)
+    assert [assign_gpus(roles, r, 8, 1, 8) for r in range(8)] == [[r] for r in range(8)]
+    roles = process_roles(5, 5, 1)
+    assert assign_gpus(roles, 4, 5, 4, 8) == [4, 5, 6, 7] and assign_gpus(roles, 3, 5, 4, 8) == [3]
+    roles = process_roles(16, 8, 1)  # 2 nodes: a trainer node, a rollout node whose 7 others stand by
+    assert assign_gpus(roles, 8, 8, 8, 8) == list(range(8)) and assign_gpus(roles, 9, 8, 8, 8) == []
+    assert assign_gpus(roles, 3, 8, 8, 0) == []  # CPU
+
+
+def test_a_layout_needing_more_gpus_than_the_node_has_is_refused_by_flag():
+    roles = process_roles(8, 8, 1)
+    with pytest.raises(ValueError, match="--nproc_per_node 8.*--tensor_parallel_size 2.*needs 9 GPUs, it has 8"):
+        assign_gpus(roles, 0, 8, 2, 8)
+
+
+def test_take_gpus_maps_onto_the_gpus_slurm_gave(monkeypatch):
+    """Slurm's CUDA_VISIBLE_DEVICES 4-7: the engine's process sees only the last, a trainer
+    selects its own index; vLLM's workers inherit the engine's variable."""
+    cfg = parse_config(["--nproc_per_node", "4", "--rollout_nodes", "1", "--run_dir", "unused"])
+    roles = process_roles(4, 4, 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    selected = []
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    train_dapo.take_gpus(cfg, roles, 3)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    train_dapo.take_gpus(cfg, roles, 1)
+    assert selected == [1] and os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+
+
+def test_update_buffers_live_where_the_policy_lives():
+    """pi_old's log-probs and the entropy sum are made on the policy's device (on GPU: CUDA;
+    here the meta device stands for it), never on the host by default."""
+    with torch.device("meta"):
+        policy = tiny_policy()
+    old, entropy = train_dapo.old_logprob_buffers(policy, {"mask": torch.zeros(3, 5)})
+    assert old.device.type == "meta" and entropy.device.type == "meta" and old.shape == (3, 5)
+
+
+def relative_error(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).norm() / b[k].norm()) for k in b)
+
+
+@pytest.fixture(scope="module")
+def reference_gradient():
+    """The update's gradient with no FSDP at all, fp32."""
+    return update_gradient(tiny_policy())
+
+
+def test_two_trainers_fp32_give_the_unsharded_gradient(tmp_path, reference_gradient):
+    torchrun(2, "grads", str(tmp_path / "g.pt"), "float32")
+    assert relative_error(torch.load(tmp_path / "g.pt"), reference_gradient) < 1e-5
+
+
+def test_bf16_compute_over_fp32_masters_on_two_trainers_and_on_one(tmp_path, reference_gradient):
+    """FSDP2's mixed precision as the GPU runs it, on gloo: the gradient is the fp32 one to
+    bf16 accuracy, over two trainers and over a group of one (every one-GPU run); a scale
+    error (a normaliser, the trainer count) would be off by 50% or more."""
+    torchrun(2, "grads", str(tmp_path / "g.pt"), "bfloat16")
+    two = torch.load(tmp_path / "g.pt")
+    train_dapo.join_alone()
+    policy = tiny_policy()
+    train_dapo.shard_policy(policy, torch.bfloat16)
+    seen = []
+
+    def note_dtype(module, inputs, output):
+        seen.append(output.dtype)
+
+    policy.lm.model.layers[0].mlp.down_proj.register_forward_hook(note_dtype)
+    one = update_gradient(policy)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    for grads in (two, one):
+        error = relative_error(grads, reference_gradient)
+        assert 1e-4 < error < 0.1, error  # bf16 really computed, and to its accuracy
+
+
+def test_the_gpu_smoke_test_refuses_to_run_without_a_gpu():
+    proc = subprocess.run([sys.executable, "scripts/gpu_smoke.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "needs a CUDA GPU" in proc.stderr and "nothing was checked" in proc.stderr
