@@ -18,6 +18,7 @@ missing package, one GPU where two are needed); 2 without a CUDA GPU: it never p
 on a machine that cannot run it.
 """
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -33,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train_dapo as T  # noqa: E402
+from slurm.memory_budget import model_shape, trainer_budget  # noqa: E402
 
 ROWS = []  # (check, status, detail)
 
@@ -45,6 +47,8 @@ def check(name: str, needs: tuple[str, ...] = (), gpus: int = 1):
             why = f"{', '.join(missing)} not installed" if missing else f"needs {gpus} GPUs"
             ROWS.append((name, "NOT RUN", why))
             return fn
+        gc.collect()  # the policies of earlier checks (FSDP's hooks make cycles)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         try:
@@ -178,6 +182,17 @@ def run_checks(args) -> None:
         return abs(norms[0] - norms[1]) < 0.01 * norms[1] and cosine > 0.9, (
             f"grad norm {norms[0]:.4g} vs {norms[1]:.4g}, cosine of the updates {cosine:.3f}, "
             f"pg_loss {reused['actor/pg_loss']:.4g} vs {passed['actor/pg_loss']:.4g}")
+
+    for checkpointing in (True, False):
+        @check(f"memory: measured peak of a step's learning against slurm/memory_budget.py, gradient "
+               f"checkpointing {'on' if checkpointing else 'off'}")
+        def memory():
+            measured_cfg = smoke_config(path, cfg.run_dir, gradient_checkpointing=checkpointing)
+            learn_once(measured_cfg, batch)
+            measured = torch.cuda.max_memory_allocated()
+            predicted = trainer_budget(measured_cfg, model_shape(path), trainers=1)[-1][1]
+            return 0.6 < measured / predicted < 1.15, (f"measured {measured / 1e9:.1f} GB, budget {predicted / 1e9:.1f} GB "
+                                                       f"(x{measured / predicted:.2f})")
 
     @check("checkpoint: DCP save and load on the GPU, then the HF export")
     def checkpoint():
