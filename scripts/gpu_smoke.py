@@ -56,8 +56,8 @@ def check(name: str, needs: tuple[str, ...] = (), gpus: int = 1):
         except Exception as e:  # a check that crashes is a failed check, with its cause shown
             traceback.print_exc()
             ok, detail = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        ROWS.append((name, "PASS" if ok else "FAIL", f"{detail} | {time.time() - t0:.1f} s, peak {peak:.1f} GiB"))
+        peak = torch.cuda.max_memory_allocated() / 1e9
+        ROWS.append((name, "PASS" if ok else "FAIL", f"{detail} | {time.time() - t0:.1f} s, peak {peak:.1f} GB"))
         print(f"[{ROWS[-1][1]}] {name}: {ROWS[-1][2]}", flush=True)
         return fn
     return run

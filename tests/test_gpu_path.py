@@ -125,3 +125,30 @@ def test_the_gpu_smoke_test_refuses_to_run_without_a_gpu():
                           timeout=120)
     assert proc.returncode == 2
     assert "needs a CUDA GPU" in proc.stderr and "nothing was checked" in proc.stderr
+
+
+def budget_rows(flags: list[str]) -> list[tuple[str, float]]:
+    from slurm.memory_budget import model_shape, trainer_budget, trainer_count
+    cfg = parse_config(flags + ["--run_dir", "unused"])
+    return trainer_budget(cfg, model_shape(cfg.model_path), trainer_count(cfg))
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-32B", "Qwen/Qwen2.5-0.5B"])
+def test_the_budgets_parameter_count_is_the_models(name):
+    """The shards' rows are 4, 4 and 8 bytes a parameter over the trainers: the parameters
+    they imply are those of the model transformers builds from the same shape."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from slurm.memory_budget import KNOWN_SHAPES
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(**KNOWN_SHAPES[name]))
+    rows = dict(budget_rows(["--model_path", name, "--nproc_per_node", "4", "--rollout_nodes", "1"]))
+    assert rows["fp32 master weights (sharded)"] * 3 / 4 == pytest.approx(sum(p.numel() for p in model.parameters()))
+
+
+def test_the_32b_page_prints_what_the_budget_script_prints():
+    flags = ["--preset", "paper", "--model_path", "Qwen/Qwen2.5-32B", "--slurm_nodes", "16", "--nproc_per_node", "8",
+             "--rollout_nodes", "8"]
+    page = open(os.path.join(ROOT, "slurm", "qwen2.5-32b.md")).read()
+    for what, nbytes in budget_rows(flags):
+        assert f"| {what} | {nbytes / 1e9:.1f} GB |" in page, what
