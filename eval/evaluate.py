@@ -93,13 +93,36 @@ def write_report(result: dict, out_dir: str) -> None:
     plt.close(fig)
 
 
+def context_length(rows: list[dict], tokenizer, max_tokens: int, limit: int) -> int:
+    """The engine's context: the longest prompt plus max_tokens. Past `limit` (the model's,
+    or --max-model-len) a ValueError names the first problem that does not fit."""
+    lengths = [len(prompt_token_ids(tokenizer, r["prompt"])) for r in rows]
+    over = [r["id"] for r, n in zip(rows, lengths) if n + max_tokens > limit]
+    if over:
+        raise ValueError(f"problem {over[0]!r} and {len(over) - 1} more of {len(rows)}: prompt + --max-tokens "
+                         f"{max_tokens} exceeds the context of {limit} tokens (--max-model-len or the model's)")
+    return max(lengths) + max_tokens
+
+
+def fitting_context(args, rows: list[dict]) -> int:
+    """context_length for the model and flags of this evaluation."""
+    from transformers import AutoConfig, AutoTokenizer
+    limit = args.max_model_len or AutoConfig.from_pretrained(args.model).max_position_embeddings
+    return context_length(rows, AutoTokenizer.from_pretrained(args.model), args.max_tokens, limit)
+
+
+def gpus_here() -> int:
+    import torch
+    return max(1, torch.cuda.device_count())  # NVML: CUDA stays uninitialised for vLLM's workers
+
+
 def evaluate(args) -> dict:
     """Load the model into vLLM, evaluate, write the report; the summary back."""
     import data_prep
     from train_dapo import make_rollout_engine
     rows = data_prep.load_rows(args.data)
-    llm, tokenizer = make_rollout_engine(args.model, args.max_model_len or None, args.dtype, args.seed,
-                                         args.tensor_parallel_size)
+    llm, tokenizer = make_rollout_engine(args.model, fitting_context(args, rows), args.dtype, args.seed,
+                                         args.tensor_parallel_size or gpus_here())
     t0 = time.time()
     result = generate_and_score(llm, tokenizer, rows, args.n, args.temperature, args.top_p,
                                 args.max_tokens, args.seed, progress=True)
@@ -117,7 +140,7 @@ def submit(args) -> dict:
     from train_dapo import submit_job
     job, summary = submit_job(evaluate, args, os.path.join(args.out, "submitit"), "dapo-eval",
                               timeout_min=args.timeout_min, cpus_per_task=args.cpus_per_task,
-                              gpus_per_node=args.tensor_parallel_size if args.gpus else 0,
+                              gpus_per_node=args.gpus,
                               slurm_partition=args.partition or None, slurm_account=args.account or None)
     print(f"job {job.job_id} done: avg@{args.n} {summary[f'avg@{args.n}']:.4f}")
     return summary
@@ -131,9 +154,10 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=0.7)
     parser.add_argument("--max-tokens", type=int, default=20480)
-    parser.add_argument("--max-model-len", type=int, default=0, help="default: the model's own limit")
+    parser.add_argument("--max-model-len", type=int, default=0,
+                        help="the engine's context (default: the longest prompt + --max-tokens, within the model's)")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--tensor-parallel-size", type=int, default=0, help="default: every GPU in sight")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="report folder (default: eval_results/<model>-<data>)")
     job = parser.add_argument_group("running as a job (Submitit: Slurm where present, else local)")
@@ -142,18 +166,22 @@ def main(argv=None):
     job.add_argument("--account", default="", help="Slurm account")
     job.add_argument("--timeout-min", type=int, default=240)
     job.add_argument("--cpus-per-task", type=int, default=8)
-    job.add_argument("--gpus", action="store_true", help="ask for --tensor-parallel-size GPUs")
+    job.add_argument("--gpus", type=int, default=None, help="GPUs to ask for (required with --submit; 0: a CPU job)")
     args = parser.parse_args(argv)
+    if args.submit and args.gpus is None:
+        parser.error("--submit needs --gpus N: the GPUs of the job's node (0 for a CPU-only job)")
 
     if os.path.exists(args.model) and not os.path.isdir(args.model):
         parser.error(f"--model {args.model}: not a directory")
     if os.path.isdir(args.model) and not os.path.exists(os.path.join(args.model, "config.json")):
         parser.error(f"--model {args.model}: not a model directory (no config.json)")
     import data_prep
-    try:
-        data_prep.load_rows(args.data)  # fail here, before an engine starts or a job is queued
+    try:  # fail here, before an engine starts or a job is queued
+        fitting_context(args, data_prep.load_rows(args.data))
     except data_prep.DataError as e:
         parser.error(f"--data: {e}")
+    except ValueError as e:
+        parser.error(f"--data {args.data}: {e}")
     args.out = args.out or os.path.join("eval_results", f"{os.path.basename(args.model.rstrip('/'))}-"
                                         f"{os.path.basename(args.data).replace(':', '-')}")
     submit(args) if args.submit else evaluate(args)

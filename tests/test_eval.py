@@ -81,7 +81,22 @@ def test_evaluation_as_a_submitit_job(tiny_model_dir, tmp_path):
     """Through the local Slurm the tests start (conftest.py): same code, same report."""
     out = tmp_path / "report"
     proc = run_eval("--model", tiny_model_dir, "--data", "synthetic:val", "--n", "2", "--max-tokens", "32",
-                    "--submit", "--cpus-per-task", "2", "--out", str(out))
+                    "--submit", "--gpus", "0", "--cpus-per-task", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "submitted job" in proc.stdout and "(slurm)" in proc.stdout and "done: avg@2" in proc.stdout
     assert json.loads((out / "result.json").read_text())["summary"]["num_problems"] == 200
+
+
+def test_a_prompt_past_the_context_is_named_before_the_engine_starts(tiny_model_dir, tmp_path):
+    """The demo model has 256 positions: a long problem with 32 new tokens cannot fit."""
+    data = tmp_path / "long.jsonl"
+    data.write_text("\n".join(json.dumps({"id": f"p{i}", "problem": f"What is {i}+1? " * (4 if i < 2 else 60),
+                                          "answer": str(i + 1)}) for i in range(5)))
+    proc = run_eval("--model", tiny_model_dir, "--data", str(data), "--max-tokens", "32")
+    assert proc.returncode != 0 and "problem 'p2' and 2 more of 5" in proc.stderr, proc.stderr[-2000:]
+    assert "exceeds the context of 256 tokens" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_job_must_say_how_many_gpus_it_needs(tiny_model_dir):
+    proc = run_eval("--model", tiny_model_dir, "--data", "synthetic:val", "--submit")
+    assert proc.returncode != 0 and "--submit needs --gpus N" in proc.stderr
