@@ -139,6 +139,9 @@ class Config:
     """prompts generated per dynamic-sampling round (verl's script: 3 x 512)"""
     max_gen_rounds: int = 10
     """dynamic sampling gives up with an error after this many rounds in one step"""
+    reward_workers: int = 0
+    """processes checking answers in parallel on the driver's node (0: in the driver; --preset paper:
+    32, for 24,576 math-verify checks a round)"""
     dtype: str = "float32"
     """parameter dtype of the vLLM engine (bfloat16 on GPU for large models)"""
     tensor_parallel_size: int = 1
@@ -206,7 +209,7 @@ PRESETS = {
                   dtype="bfloat16", tensor_parallel_size=8, lr=1e-6, warmup_steps=20,
                   mini_batch_size=512, micro_batch_tokens=24576, dual_clip_c=10.0, gradient_checkpointing=True,
                   val_every=5, val_samples=32, val_top_p=0.7, total_steps=400,
-                  save_every_min=60.0, slurm_signal_lead_s=5400),
+                  save_every_min=60.0, slurm_signal_lead_s=5400, reward_workers=32),
 }
 
 
@@ -263,6 +266,7 @@ def resolve(cfg: Config) -> Config:
          "the engine in the trainer's process shares its one device; a tensor-parallel engine needs --rollout_nodes")
     need(cfg.compute_dtype in ("", "bfloat16", "float32"), "compute_dtype", "bfloat16, float32, or empty for the device's")
     need(cfg.save_every_min >= 0, "save_every_min", "cannot be negative")
+    need(cfg.reward_workers >= 0, "reward_workers", "cannot be negative")
     need(cfg.wandb_mode in ("online", "offline", "disabled"), "wandb_mode", "online, offline or disabled")
     if not cfg.dynamic_sampling:
         cfg.gen_prompts_per_round = cfg.prompts_per_step  # one round, every group kept
@@ -520,14 +524,28 @@ def load_prompts(source: str, tokenizer, max_prompt_len: int) -> list[dict]:
     return kept
 
 
-def score_responses(cfg: Config, rows: list[dict], responses: list[list[dict]]) -> None:
+def scoring_pool(workers: int):
+    """Processes that check answers in parallel (None: check them in this one). Each starts
+    from a fork server, clean of this process's threads; reward.py's time budget holds in
+    each, as every check runs in its worker's main thread."""
+    if workers == 0:
+        return None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+
+
+def score_responses(cfg: Config, rows: list[dict], responses: list[list[dict]], pool=None) -> None:
     """Adds `acc` and `reward` (correctness +-1, plus the soft overlong punishment) to each response."""
-    for row, group in zip(rows, responses):
+    texts = [r["text"] for group in responses for r in group]
+    answers = [row["answer"] for row, group in zip(rows, responses) for _ in group]
+    scores = iter(pool.map(compute_score, texts, answers, chunksize=16) if pool else map(compute_score, texts, answers))
+    for group in responses:
         lengths = [len(r["response_ids"]) for r in group]
         penalty = overlong_penalty(lengths, cfg.max_response_len, cfg.overlong_cache_len).tolist() \
             if cfg.overlong_punishment else [0.0] * len(group)
         for r, p in zip(group, penalty):
-            score = compute_score(r["text"], row["answer"])
+            score = next(scores)
             r["acc"], r["reward"] = score["acc"], score["score"] + p
 
 
@@ -661,6 +679,29 @@ def make_rollout_engine(model_path: str, max_model_len: int, dtype: str, seed: i
     return llm, llm.get_tokenizer()
 
 
+@dataclass
+class Completion:
+    """What the trainer reads of one vLLM completion, as arrays: vLLM's own objects hold a
+    dict of Logprob objects per token, gigabytes of Python objects a round at scale."""
+    token_ids: np.ndarray     # int32 [n]
+    logprobs: np.ndarray      # float32 [n]: the sampled token's log-prob (empty if not asked for)
+    text: str
+    finish_reason: str
+
+
+@dataclass
+class Request:
+    outputs: list[Completion]
+
+
+def compact(outputs) -> list[Request]:
+    """vLLM's RequestOutputs as Requests of Completions."""
+    return [Request([Completion(np.asarray(c.token_ids, dtype=np.int32),
+                                np.array([lp[t].logprob for lp, t in zip(c.logprobs or [], c.token_ids)],
+                                         dtype=np.float32), c.text, c.finish_reason)
+                     for c in out.outputs]) for out in outputs]
+
+
 def generate(llm, cfg: Config, rows: list[dict], seed: int) -> list[list[dict]]:
     """G responses per row: token ids, text, vLLM's log-probs, and whether it was truncated."""
     from vllm import SamplingParams
@@ -668,9 +709,10 @@ def generate(llm, cfg: Config, rows: list[dict], seed: int) -> list[list[dict]]:
                              max_tokens=cfg.max_response_len, logprobs=0, seed=seed + i * cfg.group_size)
               for i in range(len(rows))]
     outputs = llm.generate([{"prompt_token_ids": r["prompt_ids"]} for r in rows], params, use_tqdm=False)
-    return [[{"response_ids": list(c.token_ids), "text": c.text, "truncated": c.finish_reason == "length",
-              "vllm_logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]}
-             for c in out.outputs] for out in outputs]
+    if not isinstance(llm, RemoteEngines):  # whose processes compact their own
+        outputs = compact(outputs)
+    return [[{"response_ids": c.token_ids, "text": c.text, "truncated": c.finish_reason == "length",
+              "vllm_logprobs": c.logprobs} for c in out.outputs] for out in outputs]
 
 
 def serve_rollouts(cfg: Config, cluster: Cluster) -> None:
@@ -683,7 +725,7 @@ def serve_rollouts(cfg: Config, cluster: Cluster) -> None:
             llm.llm_engine.engine_core.shutdown()
             return
         if command == "generate":
-            reply = llm.generate(*payload, use_tqdm=False)
+            reply = compact(llm.generate(*payload, use_tqdm=False))
         elif command == "join_weight_group":
             reply = llm.collective_rpc("join_weight_group", args=payload)
         elif command == "sync":  # then drop the prefix cache: KV of the old weights would answer repeats
@@ -855,7 +897,7 @@ def compute_policy_loss(logprobs, old_logprobs, advantages, mask, eps_low: float
 
 # =============================================================================== Dynamic sampling
 
-def collect_batch(cfg: Config, llm, sampler: PromptSampler, step: int):
+def collect_batch(cfg: Config, llm, sampler: PromptSampler, step: int, pool=None):
     """Generate in rounds until `prompts_per_step` informative groups (0 < #correct < G)
     are in hand; then exactly that many are trained on, so the batch size stays constant.
     The last round's surplus is dropped (as the paper's code does): nothing pending
@@ -873,7 +915,7 @@ def collect_batch(cfg: Config, llm, sampler: PromptSampler, step: int):
         # every (run seed, step, round, prompt, sample) draws from its own seed: reproducible, resumable
         first_seed = ((cfg.seed * 10**6 + step) * cfg.max_gen_rounds + rounds) * len(round_rows) * cfg.group_size
         round_out = generate(llm, cfg, round_rows, seed=first_seed)
-        score_responses(cfg, round_rows, round_out)
+        score_responses(cfg, round_rows, round_out, pool)
         rounds, generated = rounds + 1, generated + len(round_rows)
         all_groups += round_out
         for row, group in zip(round_rows, round_out):
@@ -887,18 +929,29 @@ def collect_batch(cfg: Config, llm, sampler: PromptSampler, step: int):
     return rows[:cfg.prompts_per_step], responses[:cfg.prompts_per_step], all_groups, stats
 
 
-def flatten_batch(cfg: Config, rows, responses) -> dict:
-    """One entry per response: ids, advantage, loss mask; padded [B, T] where the loss needs it."""
-    rewards = torch.tensor([[r["reward"] for r in g] for g in responses], dtype=torch.float32)
+def rollout_arrays(rows, responses) -> dict:
+    """What every trainer needs of the batch, in arrays (the driver sends it to them): a
+    prompt per group, token ids, vLLM's log-probs, rewards, truncation."""
+    flat = [r for g in responses for r in g]
+    return {"prompt_ids": [np.asarray(row["prompt_ids"], dtype=np.int32) for row in rows],
+            "response_ids": [np.asarray(r["response_ids"], dtype=np.int32) for r in flat],
+            "vllm_logprobs": [np.asarray(r["vllm_logprobs"], dtype=np.float32) for r in flat],
+            "rewards": np.array([[r["reward"] for r in g] for g in responses], dtype=np.float32),
+            "truncated": np.array([r["truncated"] for r in flat])}
+
+
+def flatten_batch(cfg: Config, rollout: dict) -> dict:
+    """On each trainer: one entry per response (ids, advantage) and the [B, T] loss mask,
+    made here rather than sent."""
+    rewards = torch.from_numpy(rollout["rewards"])                     # [num_groups, G]
     advantages = compute_advantages(rewards).flatten()                 # [B]
-    flat = [(row["prompt_ids"], r) for row, g in zip(rows, responses) for r in g]
-    T = max(len(r["response_ids"]) for _, r in flat)
-    mask = torch.zeros(len(flat), T)                                   # [B, T]
-    for i, (_, r) in enumerate(flat):
-        if not (cfg.overlong_filtering and r["truncated"]):
-            mask[i, :len(r["response_ids"])] = 1.0
-    return {"prompt_ids": [p for p, _ in flat], "response_ids": [r["response_ids"] for _, r in flat],
-            "vllm_logprobs": [r["vllm_logprobs"] for _, r in flat],
+    response_ids = [r.tolist() for r in rollout["response_ids"]]
+    mask = torch.zeros(len(response_ids), max(map(len, response_ids)))  # [B, T]
+    for i, (r, truncated) in enumerate(zip(response_ids, rollout["truncated"])):
+        if not (cfg.overlong_filtering and truncated):
+            mask[i, :len(r)] = 1.0
+    return {"prompt_ids": [p.tolist() for p in rollout["prompt_ids"] for _ in range(rewards.shape[1])],
+            "response_ids": response_ids, "vllm_logprobs": [lp.tolist() for lp in rollout["vllm_logprobs"]],
             "advantages": advantages, "mask": mask, "rewards": rewards.flatten()}
 
 
@@ -1184,29 +1237,29 @@ def validate(cfg: Config, llm, tokenizer, val_rows: list[dict]) -> dict:
 
 # =============================================================================== The loop
 
-def rollout_metrics(cfg: Config, all_groups, batch) -> dict:
+def rollout_metrics(cfg: Config, all_groups, rollout) -> dict:
     """Reward, accuracy and length over everything generated this step (before filtering)."""
     responses = [r for g in all_groups for r in g]
     lengths = np.array([len(r["response_ids"]) for r in responses])
     return {"reward/mean": float(np.mean([r["reward"] for r in responses])),
             "reward/acc": float(np.mean([r["acc"] for r in responses])),
-            "reward/train_batch_mean": float(batch["rewards"].mean()),
+            "reward/train_batch_mean": float(rollout["rewards"].mean()),
             "response/length_mean": float(lengths.mean()), "response/length_max": int(lengths.max()),
             "response/truncated_share": float(np.mean([r["truncated"] for r in responses])),
             "rollout_tokens": int(lengths.sum())}
 
 
-def train_step(cfg: Config, step: int, llm, policy, optimizer, scheduler, sampler, generator) -> dict:
+def train_step(cfg: Config, step: int, llm, policy, optimizer, scheduler, sampler, generator, pool=None) -> dict:
     """One rollout step. The driver generates and scores; every trainer takes part in the
     learning and the weight sync."""
     t0 = time.time()
-    batch, metrics = None, {}
+    rollout, metrics = None, {}
     if llm is not None:
-        rows, responses, all_groups, metrics = collect_batch(cfg, llm, sampler, step)
-        batch = flatten_batch(cfg, rows, responses)
-        metrics |= rollout_metrics(cfg, all_groups, batch)
+        rows, responses, all_groups, metrics = collect_batch(cfg, llm, sampler, step, pool)
+        rollout = rollout_arrays(rows, responses)
+        metrics |= rollout_metrics(cfg, all_groups, rollout)
         metrics["throughput/rollout_tokens_per_s"] = metrics.pop("rollout_tokens") / (time.time() - t0)
-    batch = from_driver(batch)
+    batch = flatten_batch(cfg, from_driver(rollout))
     t1 = time.time()
     metrics |= learn(cfg, policy, optimizer, scheduler, batch, generator)
     metrics |= sync_weights(cfg, llm, policy)
@@ -1306,9 +1359,10 @@ def train(cfg: Config, cluster: Cluster | None = None):
         print(f"step    0 | val acc {first['val/acc']:.3f} (base model)", flush=True)
         run.log(first, step=0)
         log_file.write(json.dumps({"step": 0, **first}) + "\n")
+    pool = scoring_pool(cfg.reward_workers) if driver else None
     t_start, last_save, preempted = time.time(), time.time(), False
     for step in range(start_step + 1, cfg.total_steps + 1):
-        metrics = train_step(cfg, step, llm, policy, optimizer, scheduler, sampler, generator)
+        metrics = train_step(cfg, step, llm, policy, optimizer, scheduler, sampler, generator, pool)
         if driver:
             if val_rows and (step % cfg.val_every == 0 or step == cfg.total_steps):
                 metrics |= validate(cfg, llm, tokenizer, val_rows)
@@ -1326,6 +1380,8 @@ def train(cfg: Config, cluster: Cluster | None = None):
     if driver:
         log_file.close()
         run.finish()
+        if pool is not None:
+            pool.shutdown()
         if isinstance(llm, RemoteEngines):
             llm.stop()
         print(f"preempted: checkpoint of step {step} written; the same command resumes it" if preempted else

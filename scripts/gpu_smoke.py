@@ -101,7 +101,7 @@ def random_batch(cfg: T.Config, seed: int) -> dict:
                           "truncated": n == cfg.max_response_len, "vllm_logprobs": [-10.0] * n,
                           "reward": float(torch.randint(0, 2, (1,), generator=g)) * 2 - 1})
         responses.append(group)
-    return T.flatten_batch(cfg, rows, responses)
+    return T.flatten_batch(cfg, T.rollout_arrays(rows, responses))
 
 
 def some_weights(policy) -> dict:

@@ -138,7 +138,7 @@ def check_sync(out: str, model: str) -> None:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=16))
         llm.stop()
         with open(out, "w") as f:
-            json.dump({"greedy": [list(o.outputs[0].token_ids) for o in outs], **stats}, f)
+            json.dump({"greedy": [o.outputs[0].token_ids.tolist() for o in outs], **stats}, f)
 
 
 if __name__ == "__main__":

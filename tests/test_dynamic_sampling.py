@@ -1,9 +1,10 @@
 """Dynamic sampling's bookkeeping, with the engine replaced by a scripted one: row i's
 group has correct[i] right answers out of G. (The real engine runs in test_e2e.py.)"""
+import numpy as np
 import pytest
 
 import train_dapo
-from train_dapo import Config, PromptSampler, collect_batch, flatten_batch, resolve
+from train_dapo import Config, PromptSampler, collect_batch, flatten_batch, resolve, rollout_arrays
 
 G = 4
 
@@ -65,7 +66,7 @@ def test_overlong_filtering_masks_truncated_responses(scripted_engine, filtering
     sampler = PromptSampler(scripted_rows([1, 2]), seed=0)
     cfg = config(prompts_per_step=2, gen_prompts_per_round=2, overlong_filtering=filtering, dynamic_sampling=False)
     rows, responses, _, _ = collect_batch(cfg, None, sampler, step=1)
-    batch = flatten_batch(cfg, rows, responses)
+    batch = flatten_batch(cfg, rollout_arrays(rows, responses))
     truncated = [r["truncated"] for g in responses for r in g]
     assert sum(truncated) == 1
     for i, t in enumerate(truncated):
@@ -86,3 +87,53 @@ def test_sampler_visits_every_prompt_once_per_epoch():
     seen = [r["id"] for r in sampler.next(7) + sampler.next(3)]
     assert sorted(seen) == [str(i) for i in range(10)]
     assert sorted(r["id"] for r in sampler.next(10)) == sorted(seen)
+
+
+def test_the_rollout_travels_as_arrays_and_unfolds_on_each_trainer(scripted_engine):
+    """The driver sends arrays (a prompt per group, no mask); each trainer's batch is what a
+    plain loop over the groups gives."""
+    import pickle
+    sampler = PromptSampler(scripted_rows([1, 2, 3]), seed=0)
+    cfg = config(prompts_per_step=3, gen_prompts_per_round=3, dynamic_sampling=False)
+    rows, responses, _, _ = collect_batch(cfg, None, sampler, step=1)
+    rollout = rollout_arrays(rows, responses)
+    assert all(isinstance(v, np.ndarray) for k in ("prompt_ids", "response_ids", "vllm_logprobs") for v in rollout[k])
+    assert len(rollout["prompt_ids"]) == 3 and "mask" not in rollout
+    batch = flatten_batch(cfg, pickle.loads(pickle.dumps(rollout)))
+    i = 0
+    for row, group in zip(rows, responses):
+        for r in group:
+            assert batch["prompt_ids"][i] == list(row["prompt_ids"]) and batch["response_ids"][i] == list(r["response_ids"])
+            assert batch["vllm_logprobs"][i] == pytest.approx(list(r["vllm_logprobs"]))
+            assert batch["rewards"][i] == pytest.approx(r["reward"])
+            i += 1
+    assert i == len(batch["response_ids"]) == 12
+
+
+def test_answers_checked_by_a_pool_of_processes_score_as_in_this_one():
+    texts = ["Answer: 7", "Answer: 8", "Answer: \\frac{14}{2}", "no answer", "Answer: 7.0", "Answer: " + "9" * 5000,
+             "Answer: \\boxed{7}", "Answer: 2^{2^{2^{2^{2^{2}}}}}"] * 3
+    rows = [{"answer": "7"}] * 6
+    cfg = config(prompts_per_step=6, max_response_len=8, overlong_cache_len=4)
+
+    def groups():
+        return [[{"text": texts[g * G + k], "response_ids": [5] * (2 + g + k)} for k in range(G)] for g in range(6)]
+    serial, parallel = groups(), groups()
+    train_dapo.score_responses(cfg, rows, serial)
+    pool = train_dapo.scoring_pool(2)
+    try:
+        train_dapo.score_responses(cfg, rows, parallel, pool)
+    finally:
+        pool.shutdown()
+    assert [[(r["acc"], r["reward"]) for r in g] for g in parallel] == [[(r["acc"], r["reward"]) for r in g] for g in serial]
+    assert {r["acc"] for g in serial for r in g} == {0, 1} and any(r["reward"] < -1 for g in serial for r in g)
+
+
+def test_compact_keeps_what_the_trainer_reads_of_vllms_outputs():
+    from types import SimpleNamespace as NS
+    completion = NS(token_ids=[4, 9, 2], text="Answer: 7", finish_reason="stop",
+                    logprobs=[{4: NS(logprob=-0.5), 1: NS(logprob=-2.0)}, {9: NS(logprob=-0.25)}, {2: NS(logprob=-1.0)}])
+    (request,) = train_dapo.compact([NS(outputs=[completion])])
+    (c,) = request.outputs
+    assert c.token_ids.dtype == np.int32 and c.token_ids.tolist() == [4, 9, 2]
+    assert c.logprobs.tolist() == [-0.5, -0.25, -1.0] and (c.text, c.finish_reason) == ("Answer: 7", "stop")

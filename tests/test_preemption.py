@@ -135,10 +135,17 @@ def test_the_32b_launch_script_asks_for_the_papers_layout(tmp_path):
     echo = tmp_path / "echo_args"
     echo.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     echo.chmod(0o755)
+    model = tmp_path / "Qwen2.5-32B"
+    missing = subprocess.run(["bash", "slurm/qwen2.5-32b.sh"], cwd=ROOT, capture_output=True, text=True,
+                             env=os.environ | {"PYTHON": str(echo), "MODEL": str(model)})
+    assert missing.returncode == 1 and "hf download Qwen/Qwen2.5-32B" in missing.stderr  # a path, never a hub name
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     argv = run(["bash", "slurm/qwen2.5-32b.sh", "--slurm_partition", "gpu"],
-               env=os.environ | {"PYTHON": str(echo)}).stdout.splitlines()
+               env=os.environ | {"PYTHON": str(echo), "MODEL": str(model)}).stdout.splitlines()
     assert argv[0] == "train_dapo.py"
     cfg = parse_config(argv[1:])
+    assert cfg.model_path == str(model) and cfg.slurm_mem == "0"
     assert (cfg.slurm_nodes, cfg.nproc_per_node, cfg.rollout_nodes, cfg.tensor_parallel_size) == (16, 8, 8, 8)
     assert (cfg.slurm_partition, cfg.slurm_gpus_per_node, cfg.submit) == ("gpu", 8, True)
     assert (cfg.prompts_per_step, cfg.group_size, cfg.max_response_len) == (512, 16, 20480)
