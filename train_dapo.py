@@ -21,9 +21,11 @@ process. The paper's Qwen2.5-32B recipe is `--preset paper`.
 
     python train_dapo.py                                  # the CPU demo (~10 min on 2 cores)
     python train_dapo.py --preset grpo                    # naive GRPO baseline, same budget
-    python train_dapo.py --preset paper --model_path Qwen/Qwen2.5-32B \\
-        --train_data dapo-math.jsonl --val_data aime24.jsonl        # one GPU node, paper recipe
-    python train_dapo.py --submit true --slurm_partition gpu ...    # the same, as a Submitit job
+    python train_dapo.py --model_path DIR --dtype bfloat16 --gpu_memory_utilization 0.3 \\
+        --train_data dapo-math.jsonl --val_data aime24.jsonl        # one GPU: engine beside the trainer
+    python train_dapo.py --preset paper --model_path DIR --nproc_per_node 8 --rollout_nodes 1 \\
+        --tensor_parallel_size 1 --train_data ... --val_data ...   # one 8-GPU node: 7 trainers, 1 engine
+    bash slurm/qwen2.5-32b.sh --slurm_partition gpu                # the paper's run: 16 nodes, Submitit
 """
 import ast
 import dataclasses
