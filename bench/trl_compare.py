@@ -76,8 +76,7 @@ def run_ours(args, model_dir: str, data: str) -> list[dict]:
         dtype="bfloat16" if args.side == "ours-bf16" else "float32"))
     T.join_alone()
     path = T.ensure_model(cfg)
-    llm = T.make_rollout_engine(path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype, cfg.seed,
-                                beside_trainer=True)[0]
+    llm = T.make_rollout_engine(path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype, cfg.seed)[0]
     policy, tokenizer = T.build_or_load_policy(cfg, path)
     sampler = T.PromptSampler(T.load_prompts(cfg.train_data, tokenizer, cfg.max_prompt_len), cfg.seed)
     optimizer, scheduler = T.make_optimizer(cfg, policy)

@@ -108,3 +108,81 @@ def test_two_trainers_and_a_rollout_process_survive_a_killed_engine_by_resuming(
     for m in metrics:  # the engine samples from the trainers' policy, synced after every step
         assert m["actor/vllm_logprob_diff"] < 1e-3 and m["sampling/groups_kept"] == 4, m
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def descendants(pid: int) -> set[int]:
+    """pid's children, theirs, and so on, from /proc."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_launcher_when(proc: subprocess.Popen, marker: str) -> float:
+    """SIGKILL the launcher once `marker` shows in its output; seconds until none of the
+    processes it had started is left."""
+    for line in proc.stdout:
+        if marker in line:
+            break
+    run = descendants(proc.pid)
+    assert len(run) >= 3, run
+    os.kill(proc.pid, signal.SIGKILL)
+    killed_at = time.time()
+    proc.wait()
+    while any(alive(p) for p in run) and time.time() - killed_at < 30:
+        time.sleep(0.05)
+    proc.stdout.close()
+    proc.stderr.close()
+    assert not any(alive(p) for p in run), [p for p in run if alive(p)]
+    return time.time() - killed_at
+
+
+def test_a_killed_launcher_takes_its_processes_along_and_the_rerun_matches(tiny_model_dir, tmp_path):
+    """SIGKILL to the launcher of two trainers and a rollout process, once while the engine
+    starts and once mid-run: within 2 s no process of the run is left (they would write on
+    into the run directory); the rerun then logs what an uninterrupted run logs."""
+    from test_checkpoint import step_metrics
+    straight = start_run(tiny_model_dir, tmp_path / "straight", total_steps=4)
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-3000:]
+    run_dir = tmp_path / "killed"
+    assert kill_launcher_when(start_run(tiny_model_dir, run_dir, 4), "rollout engine 0 (rank 2) on") < 2
+    assert kill_launcher_when(start_run(tiny_model_dir, run_dir, 4), "step    2 |") < 2
+    rerun = start_run(tiny_model_dir, run_dir, total_steps=4)
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0 and "resumed from" in out, err[-3000:]
+    assert step_metrics(run_dir) == step_metrics(tmp_path / "straight")
+
+
+def test_a_run_directory_has_one_writer_and_a_dead_ones_claim_lapses(tiny_model_dir, tmp_path):
+    command = [sys.executable, "train_dapo.py", "--model_path", tiny_model_dir, "--save_every", "1",
+               "--prompts_per_step", "4", "--group_size", "8", "--gen_prompts_per_round", "16",
+               "--mini_batch_size", "16", "--val_data", "", "--wandb_mode", "disabled", "--run_dir", str(tmp_path)]
+    first = subprocess.Popen(command + ["--total_steps", "1000"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    for line in first.stdout:
+        if line.startswith("step    1 |"):
+            break
+    second = subprocess.run(command + ["--total_steps", "1000"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0 and "Traceback" not in second.stderr
+    assert f"--run_dir {tmp_path}: another run is writing it (pid {first.pid} on " in second.stderr, second.stderr
+    first.kill()
+    first.wait()
+    first.stdout.close()
+    third = subprocess.run(command + ["--total_steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and "resumed from" in third.stdout, third.stderr[-3000:]
