@@ -183,6 +183,17 @@ def resolve_files(source: str) -> list[str]:
     return files
 
 
+def check_source(source: str) -> None:
+    """What can be known of `source` without reading it: a DataError if it names a local file
+    that is not there, or a synthetic split that does not exist."""
+    if source.startswith("synthetic:"):
+        if source.split(":", 1)[1] not in ("train", "val"):
+            raise DataError(f"{source}: unknown split '{source.split(':', 1)[1]}' (expected train or val)")
+    elif source.endswith((".parquet", ".jsonl")) or source.startswith(("/", "./", "../", "~")):
+        if not os.path.exists(os.path.expanduser(source)):
+            raise DataError(f"{source}: no such file")
+
+
 def load_dapo_rows(source: str) -> list[dict]:
     """Rows in the DAPO schema, deduplicated. `source` is a file, a hub name, or
     'synthetic:train' / 'synthetic:val' (the demo task, made in memory)."""

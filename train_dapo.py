@@ -27,6 +27,7 @@ process. The paper's Qwen2.5-32B recipe is `--preset paper`.
         --tensor_parallel_size 1 --train_data ... --val_data ...   # one 8-GPU node: 7 trainers, 1 engine
     bash slurm/qwen2.5-32b.sh --slurm_partition gpu                # the paper's run: 16 nodes, Submitit
 """
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -36,6 +37,7 @@ import os
 import pickle
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -229,10 +231,16 @@ def parse_bool(text: str) -> bool:
     raise ValueError(text)
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the flag, not a page of usage first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_config(argv: list[str]) -> Config:
     """Config from `--field value` overrides (after an optional `--preset name`)."""
-    import argparse
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of overrides, applied first")
     docs = field_docs()
     for f in dataclasses.fields(Config):
@@ -246,34 +254,86 @@ def parse_config(argv: list[str]) -> Config:
         parser.error(str(e))
 
 
+AT_LEAST_1 = ("total_steps", "save_every", "keep_checkpoints", "slurm_time_min", "slurm_cpus_per_task", "slurm_nodes",
+              "nproc_per_node", "weight_sync_bucket_mb", "max_prompt_len", "max_response_len", "prompts_per_step",
+              "gen_prompts_per_round", "max_gen_rounds", "tensor_parallel_size", "mini_batch_size",
+              "micro_batch_tokens", "val_every", "val_samples")
+AT_LEAST_0 = ("seed", "save_every_min", "slurm_signal_lead_s", "slurm_gpus_per_node", "slurm_max_timeouts",
+              "rollout_nodes", "reward_workers", "eps_high", "warmup_steps", "weight_decay", "val_temperature",
+              "val_max_problems")
+CHOICES = {"wandb_mode": ("online", "offline", "disabled"), "compute_dtype": ("", "bfloat16", "float32"),
+           "dtype": ("auto", "float32", "bfloat16", "float16"), "loss_agg_mode": ("token-mean", "seq-mean-token-mean")}
+
+
 def resolve(cfg: Config) -> Config:
-    """Check the flags against each other and fill derived values, once."""
+    """Check every flag, alone and against the others, before any process starts or
+    anything loads (a ValueError names the flag); then fill derived values, once."""
     def need(ok, flag, why):
         if not ok:
-            raise ValueError(f"--{flag}: {why}")
+            raise ValueError(f"--{flag} {getattr(cfg, flag)!r}: {why}")
+    for flag in AT_LEAST_1:
+        need(getattr(cfg, flag) >= 1, flag, "must be at least 1")
+    for flag in AT_LEAST_0:
+        need(getattr(cfg, flag) >= 0, flag, "cannot be negative")
+    for flag, choices in CHOICES.items():
+        need(getattr(cfg, flag) in choices, flag, "expected one of " + ", ".join(map(repr, choices)))
+    need(cfg.wandb_project != "", "wandb_project", "cannot be empty")
+    need(cfg.slurm_signal_lead_s < min(65536, cfg.slurm_time_min * 60), "slurm_signal_lead_s",
+         "must be shorter than --slurm_time_min and than Slurm's limit of 65535 s")
+    need(re.fullmatch(r"(\d+[KMGT]?)?", cfg.slurm_mem) is not None, "slurm_mem", "Slurm's --mem: a number, e.g. 500G")
+    need(cfg.temperature > 0, "temperature", "must be positive: rollouts sample")
+    need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
+    need(0 < cfg.val_top_p <= 1, "val_top_p", "must be in (0, 1]")
+    need(0 < cfg.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+    need(0 <= cfg.eps_low < 1, "eps_low", "must be in [0, 1): the lower clip bound is 1 - eps_low")
+    need(cfg.dual_clip_c == 0 or cfg.dual_clip_c > 1, "dual_clip_c", "0 (off) or above 1")
+    need(cfg.lr > 0, "lr", "must be positive")
+    need(cfg.grad_clip > 0, "grad_clip", "must be positive")
     need(cfg.group_size >= 2, "group_size", "needs at least 2 responses per prompt for a group baseline")
-    need(cfg.loss_agg_mode in ("token-mean", "seq-mean-token-mean"), "loss_agg_mode",
-         f"{cfg.loss_agg_mode!r} is not token-mean or seq-mean-token-mean")
     need(cfg.prompts_per_step * cfg.group_size % cfg.mini_batch_size == 0, "mini_batch_size",
-         f"{cfg.mini_batch_size} must divide prompts_per_step x group_size = {cfg.prompts_per_step * cfg.group_size}")
+         f"must divide prompts_per_step x group_size = {cfg.prompts_per_step * cfg.group_size}")
     need(0 < cfg.overlong_cache_len < cfg.max_response_len, "overlong_cache_len", "must be in (0, max_response_len)")
     need(cfg.micro_batch_tokens >= cfg.max_prompt_len + cfg.max_response_len, "micro_batch_tokens",
          "must hold at least one prompt + response")
-    need(cfg.rollout_nodes >= 0, "rollout_nodes", "cannot be negative")
     need(cfg.rollout_nodes > 0 or cfg.nproc_per_node == cfg.slurm_nodes == 1, "rollout_nodes",
          "several processes need at least one rollout node: vLLM cannot share a process with an FSDP trainer")
     need(cfg.rollout_nodes < (cfg.slurm_nodes if cfg.slurm_nodes > 1 else cfg.nproc_per_node), "rollout_nodes",
-         f"{cfg.rollout_nodes} leaves no trainer on {cfg.slurm_nodes} node(s) x {cfg.nproc_per_node} process(es)")
+         f"leaves no trainer on {cfg.slurm_nodes} node(s) x {cfg.nproc_per_node} process(es)")
     need(cfg.rollout_nodes > 0 or cfg.tensor_parallel_size == 1, "tensor_parallel_size",
          "the engine in the trainer's process shares its one device; a tensor-parallel engine needs --rollout_nodes")
-    need(cfg.compute_dtype in ("", "bfloat16", "float32"), "compute_dtype", "bfloat16, float32, or empty for the device's")
-    need(cfg.save_every_min >= 0, "save_every_min", "cannot be negative")
-    need(cfg.reward_workers >= 0, "reward_workers", "cannot be negative")
-    need(cfg.wandb_mode in ("online", "offline", "disabled"), "wandb_mode", "online, offline or disabled")
+    for flag in ("train_data", "val_data"):
+        try:
+            if getattr(cfg, flag):
+                data_prep.check_source(getattr(cfg, flag))
+        except data_prep.DataError as e:
+            raise ValueError(f"--{flag}: {e}") from None
+    context = model_context(cfg)
+    need(cfg.max_prompt_len + cfg.max_response_len <= context, "max_prompt_len",
+         f"plus --max_response_len {cfg.max_response_len} exceeds the model's context of {context} tokens")
     if not cfg.dynamic_sampling:
         cfg.gen_prompts_per_round = cfg.prompts_per_step  # one round, every group kept
     cfg.run_dir = cfg.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return cfg
+
+
+def model_context(cfg: Config) -> int:
+    """The model's context (max_position_embeddings) from its config, read before any weight
+    loads; a ValueError names --model_path when there is none to read."""
+    if not cfg.model_path:  # the demo's model, built later if not yet
+        from demo.base_model import MAX_POSITIONS
+        return MAX_POSITIONS
+    from transformers import AutoConfig
+    path = cfg.model_path
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"--model_path {path}: a directory without a config.json, not a model")
+    if not os.path.isdir(path) and (path.startswith(("/", "./", "../", "~")) or path.count("/") != 1):
+        raise ValueError(f"--model_path {path}: no such directory (and not a hub name: owner/name)")
+    try:
+        return AutoConfig.from_pretrained(path).max_position_embeddings
+    except (OSError, ValueError) as e:
+        offline = " (HF_HUB_OFFLINE is set: only models already downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ValueError(f"--model_path {path}: not a directory here, and its config could not be had from the "
+                         f"hub{offline}: {str(e).splitlines()[0]}") from None
 
 
 # =============================================================================== Processes and roles
@@ -520,7 +580,7 @@ def load_prompts(source: str, tokenizer, max_prompt_len: int) -> list[dict]:
         row["prompt_ids"] = prompt_token_ids(tokenizer, row["prompt"])
     kept = [r for r in rows if len(r["prompt_ids"]) <= max_prompt_len]
     if not kept:
-        raise ValueError(f"{source}: no prompt fits --max_prompt_len {max_prompt_len}")
+        raise data_prep.DataError(f"{source}: no prompt fits --max_prompt_len {max_prompt_len}")
     if len(kept) < len(rows):
         print(f"{source}: dropped {len(rows) - len(kept)} prompts longer than {max_prompt_len} tokens")
     return kept
@@ -797,9 +857,13 @@ class RemoteEngines:
         return [out for share in self.receive("generate") for out in share]
 
     def stop(self) -> None:
-        """Release the engines and the processes standing by."""
-        for rank in self.cluster.ranks("rollout") + self.cluster.ranks("standby"):
-            send_obj(self.cluster.control, ("stop", None), rank)
+        stop_engines(self.cluster)
+
+
+def stop_engines(cluster: Cluster) -> None:
+    """Release the engines and the processes standing by: they exit."""
+    for rank in cluster.ranks("rollout") + cluster.ranks("standby"):
+        send_obj(cluster.control, ("stop", None), rank)
 
 
 def sync_plan(state: dict, dtype: torch.dtype, bucket_bytes: int) -> list[list[tuple[str, list[int]]]]:
@@ -906,7 +970,7 @@ def collect_batch(cfg: Config, llm, sampler: PromptSampler, step: int, pool=None
     rows, responses, generated, rounds, all_groups = [], [], 0, 0, []
     while len(rows) < cfg.prompts_per_step:
         if rounds == cfg.max_gen_rounds:
-            raise RuntimeError(
+            raise RunError(
                 f"dynamic sampling: only {len(rows)} of {cfg.prompts_per_step} prompts had mixed outcomes "
                 f"after {rounds} rounds of {cfg.gen_prompts_per_round} (step {step}). The policy solves "
                 "nearly all or nearly none of them: raise --max_gen_rounds or --gen_prompts_per_round, "
@@ -1255,11 +1319,17 @@ def train_step(cfg: Config, step: int, llm, policy, optimizer, scheduler, sample
     t0 = time.time()
     rollout, metrics = None, {}
     if llm is not None:
-        rows, responses, all_groups, metrics = collect_batch(cfg, llm, sampler, step, pool)
-        rollout = rollout_arrays(rows, responses)
-        metrics |= rollout_metrics(cfg, all_groups, rollout)
-        metrics["throughput/rollout_tokens_per_s"] = metrics.pop("rollout_tokens") / (time.time() - t0)
-    batch = flatten_batch(cfg, from_driver(rollout))
+        try:
+            rows, responses, all_groups, metrics = collect_batch(cfg, llm, sampler, step, pool)
+            rollout = rollout_arrays(rows, responses)
+            metrics |= rollout_metrics(cfg, all_groups, rollout)
+            metrics["throughput/rollout_tokens_per_s"] = metrics.pop("rollout_tokens") / (time.time() - t0)
+        except RunError as e:  # dynamic sampling gave up: every trainer stops with it
+            rollout = e
+    rollout = from_driver(rollout)
+    if isinstance(rollout, RunError):
+        raise rollout
+    batch = flatten_batch(cfg, rollout)
     t1 = time.time()
     metrics |= learn(cfg, policy, optimizer, scheduler, batch, generator)
     metrics |= sync_weights(cfg, llm, policy)
@@ -1333,7 +1403,13 @@ def train(cfg: Config, cluster: Cluster | None = None):
     process), the driver holding the run directory. Returns what a caller (a test) may
     want to inspect."""
     cluster = cluster or join_alone()
-    claim = claim_run_dir(cfg.run_dir) if cluster.rank == 0 else None
+    claim, problem = None, None
+    if cluster.rank == 0:
+        try:
+            claim = claim_run_dir(cfg.run_dir)
+        except RunError as e:
+            problem = e
+    stop_together(problem)
     try:
         return run_training(cfg, cluster)
     finally:
@@ -1341,21 +1417,41 @@ def train(cfg: Config, cluster: Cluster | None = None):
             claim.close()
 
 
+def stop_together(problem: Exception | None) -> None:
+    """Raise on every trainer when trainer 0 met a problem alone (the others would wait for
+    it in their next collective, then fail on its absence with a traceback of their own)."""
+    if any_trainer(problem is not None)[0]:
+        raise problem or RunError("stopped with trainer 0")
+
+
+def read_prompts(cfg: Config, tokenizer) -> tuple[list[dict], list[dict]]:
+    """The driver's training and held-out prompts, read before anything heavy loads."""
+    train_rows = load_prompts(cfg.train_data, tokenizer, cfg.max_prompt_len)
+    val_rows = load_prompts(cfg.val_data, tokenizer, cfg.max_prompt_len) if cfg.val_data else []
+    return train_rows, val_rows[:cfg.val_max_problems or None]
+
+
 def run_training(cfg: Config, cluster: Cluster):
     driver = cluster.rank == 0
     preemption = PreemptionWatch()  # from the start: a USR2 during loading is acted on after step 1
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model_path, llm, sampler, val_rows = ensure_model(cfg), None, None, []
+    from transformers import AutoTokenizer
+    model_path, llm, sampler, val_rows, problem = ensure_model(cfg), None, None, [], None
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if driver:  # only the driver draws prompts
+        try:
+            train_rows, val_rows = read_prompts(cfg, tokenizer)
+            sampler = PromptSampler(train_rows, cfg.seed)
+        except data_prep.DataError as e:
+            problem = e
+    stop_together(problem)
     if driver and not cluster.ranks("rollout"):  # the engine first: vLLM takes its share of an untouched GPU
         llm = make_rollout_engine(model_path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype, cfg.seed,
                                   cfg.tensor_parallel_size, cfg.gpu_memory_utilization)[0]
-    policy, tokenizer = build_or_load_policy(cfg, model_path)
-    if driver:  # only the driver talks to the engine(s) and draws prompts
+    policy, _ = build_or_load_policy(cfg, model_path)
+    if driver:  # only the driver talks to the engines
         llm = llm or RemoteEngines(cfg, cluster)
-        sampler = PromptSampler(load_prompts(cfg.train_data, tokenizer, cfg.max_prompt_len), cfg.seed)
-        val_rows = load_prompts(cfg.val_data, tokenizer, cfg.max_prompt_len) if cfg.val_data else []
-        val_rows = val_rows[:cfg.val_max_problems or None]
     optimizer, scheduler = make_optimizer(cfg, policy)
     generator = torch.Generator().manual_seed(cfg.seed)
     start_step = resume(cfg, llm, policy, optimizer, scheduler, sampler, generator)
@@ -1404,8 +1500,9 @@ def run_training(cfg: Config, cluster: Cluster):
 
 # =============================================================================== Checkpoints
 
-class RunDirBusy(Exception):
-    """Another live run holds the run directory."""
+class RunError(Exception):
+    """A problem with what the user gave the run (its directory, its checkpoint): reported as
+    one line, without a traceback."""
 
 
 def claim_run_dir(run_dir: str):
@@ -1421,7 +1518,7 @@ def claim_run_dir(run_dir: str):
         f.seek(0)
         owner = f.read().strip()
         f.close()
-        raise RunDirBusy(f"--run_dir {run_dir}: another run is writing it ({owner}); stop that run or choose "
+        raise RunError(f"--run_dir {run_dir}: another run is writing it ({owner}); stop that run or choose "
                          "another --run_dir") from None
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -1437,6 +1534,7 @@ RESUMABLE_FIELDS = {"run_dir", "total_steps", "wandb_mode", "save_every", "save_
 
 
 EXIT_PREEMPTED = 3  # exit status of a run stopped by USR2 after checkpointing: restart it to resume
+EXIT_USER_ERROR = 4  # a process stopped on a RunError, already reported by trainer 0
 
 
 class PreemptionWatch:
@@ -1536,7 +1634,7 @@ def load_checkpoint(cfg: Config, path: str, policy, optimizer, scheduler, sample
     diff += [f"parameter {k}: checkpoint {saved['shapes'].get(k)}, model {shapes.get(k)}"
              for k in sorted(set(shapes) | set(saved["shapes"])) if shapes.get(k) != saved["shapes"].get(k)]
     if diff:
-        raise ValueError(f"{path} does not match this run (use another --run_dir to start afresh): " + "; ".join(diff))
+        raise RunError(f"{path} does not match this run (use another --run_dir to start afresh): " + "; ".join(diff))
     model_state, optim_state = get_state_dict(policy, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=path)
@@ -1609,6 +1707,8 @@ def launch(cfg: Config, nnodes: int = 1, endpoint: str = "localhost:0", run_id: 
     except ChildFailedError as e:
         if preemption.requested:  # checkpointed (exit 3), or too early to: requeue either way
             preemption.hand_over()
+        if any(f.exitcode == EXIT_USER_ERROR for f in e.failures.values()):
+            raise SystemExit(EXIT_USER_ERROR) from None  # trainer 0 said why, in one line
         cluster = Cluster(process_roles(nnodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes))
         failed = [f"{cluster.name(rank)}, pid {f.pid}: " + (f"killed by {f.signal_name()}" if f.exitcode < 0
                                                                else f"exit status {f.exitcode}")
@@ -1643,8 +1743,11 @@ def run_process(cfg: Config) -> None:
     if role == "trainer":
         try:
             train(cfg, cluster)
-        except RunDirBusy as e:
-            raise SystemExit(str(e)) from None
+        except (RunError, data_prep.DataError) as e:  # every trainer meets it: trainer 0 says it
+            if cluster.rank == 0:
+                print(f"train_dapo.py: error: {e}", file=sys.stderr, flush=True)
+                stop_engines(cluster)
+            raise SystemExit(EXIT_USER_ERROR) from None
     elif role == "rollout":
         serve_rollouts(cfg, cluster)
     else:  # a standby process on a rollout node waits for the end
@@ -1712,5 +1815,5 @@ if __name__ == "__main__":
         torch.set_num_threads(os.cpu_count() or 1)
         try:
             train(cfg)
-        except RunDirBusy as e:
-            raise SystemExit(str(e)) from None
+        except (RunError, data_prep.DataError) as e:
+            raise SystemExit(f"train_dapo.py: error: {e}") from None

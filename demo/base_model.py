@@ -50,12 +50,15 @@ def build_tokenizer():
     return tokenizer
 
 
+MAX_POSITIONS = 256  # the demo model's context: prompt + response
+
+
 def build_model(tokenizer, hidden: int = 128, layers: int = 2, seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=32 * math.ceil(len(tokenizer) / 32), hidden_size=hidden,
         intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id)
     return Qwen2ForCausalLM(config)

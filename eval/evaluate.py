@@ -146,8 +146,37 @@ def submit(args) -> dict:
     return summary
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class FlagParser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the flag, not a page of usage first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def check_flags(parser, args) -> None:
+    """Every flag alone, before anything loads: one line naming the first bad one."""
+    def need(ok, flag, why):
+        if not ok:
+            parser.error(f"--{flag} {getattr(args, flag.replace('-', '_'))}: {why}")
+    for flag in ("n", "max-tokens", "timeout-min", "cpus-per-task"):
+        need(getattr(args, flag.replace("-", "_")) >= 1, flag, "must be at least 1")
+    for flag in ("max-model-len", "tensor-parallel-size", "seed", "temperature"):
+        need(getattr(args, flag.replace("-", "_")) >= 0, flag, "cannot be negative")
+    need(0 < args.top_p <= 1, "top-p", "must be in (0, 1]")
+    need(args.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
+    need(args.gpus is None or args.gpus >= 0, "gpus", "cannot be negative")
+    if args.submit and args.gpus is None:
+        parser.error("--submit needs --gpus N: the GPUs of the job's node (0 for a CPU-only job)")
+    if os.path.exists(args.model) and not os.path.isdir(args.model):
+        parser.error(f"--model {args.model}: not a directory")
+    if not os.path.exists(args.model) and args.model.startswith(("/", "./", "../", "~")):
+        parser.error(f"--model {args.model}: no such directory")
+    if os.path.isdir(args.model) and not os.path.exists(os.path.join(args.model, "config.json")):
+        parser.error(f"--model {args.model}: not a model directory (no config.json)")
+
+
+def make_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF-format model directory or hub name")
     parser.add_argument("--data", required=True, help="anything data_prep.load_rows reads")
     parser.add_argument("--n", type=int, default=32, help="samples per problem")
@@ -167,14 +196,13 @@ def main(argv=None):
     job.add_argument("--timeout-min", type=int, default=240)
     job.add_argument("--cpus-per-task", type=int, default=8)
     job.add_argument("--gpus", type=int, default=None, help="GPUs to ask for (required with --submit; 0: a CPU job)")
-    args = parser.parse_args(argv)
-    if args.submit and args.gpus is None:
-        parser.error("--submit needs --gpus N: the GPUs of the job's node (0 for a CPU-only job)")
+    return parser
 
-    if os.path.exists(args.model) and not os.path.isdir(args.model):
-        parser.error(f"--model {args.model}: not a directory")
-    if os.path.isdir(args.model) and not os.path.exists(os.path.join(args.model, "config.json")):
-        parser.error(f"--model {args.model}: not a model directory (no config.json)")
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
     import data_prep
     try:  # fail here, before an engine starts or a job is queued
         fitting_context(args, data_prep.load_rows(args.data))

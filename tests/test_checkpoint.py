@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from demo.base_model import build_model, build_tokenizer
-from train_dapo import (Config, Policy, PromptSampler, checkpoint_dirs, load_checkpoint, make_optimizer, resolve,
-                        save_checkpoint, train)
+from train_dapo import (Config, Policy, PromptSampler, RunError, checkpoint_dirs, load_checkpoint, make_optimizer,
+                        resolve, save_checkpoint, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("time/", "throughput/", "sync/")
@@ -86,11 +86,11 @@ def test_a_checkpoint_of_another_config_or_shape_is_refused_by_name(tmp_path):
     save_checkpoint(cfg, 1, model, optimizer, scheduler, sampler, generator)
     path = checkpoint_dirs(tmp_path)[-1]
     other = resolve(Config(run_dir=str(tmp_path), eps_high=0.3, total_steps=999))  # total_steps may change
-    with pytest.raises(ValueError, match=r"eps_high: checkpoint 0\.28, now 0\.3") as e:
+    with pytest.raises(RunError, match=r"eps_high: checkpoint 0\.28, now 0\.3") as e:
         load_checkpoint(other, path, model, optimizer, scheduler, sampler, generator)
     assert "total_steps" not in str(e.value)
     _, wide, wide_opt, wide_sched, _, _ = tiny_state(hidden=128)
-    with pytest.raises(ValueError, match=r"parameter lm.model.embed_tokens.weight: checkpoint \[64, 64\], model \[64, 128\]"):
+    with pytest.raises(RunError, match=r"parameter lm.model.embed_tokens.weight: checkpoint \[64, 64\], model \[64, 128\]"):
         load_checkpoint(cfg, path, wide, wide_opt, wide_sched, sampler, generator)
 
 

@@ -48,7 +48,7 @@ def test_cap_stops_with_a_message_naming_the_flags(scripted_engine):
     sampler = PromptSampler(scripted_rows([0, G, 0, 1] * 4), seed=0)
     sampler.order = list(range(16))                              # one mixed group a round
     cfg = config(prompts_per_step=8, gen_prompts_per_round=4, max_gen_rounds=3)
-    with pytest.raises(RuntimeError, match="max_gen_rounds") as e:
+    with pytest.raises(train_dapo.RunError, match="max_gen_rounds") as e:
         collect_batch(cfg, None, sampler, step=7)
     assert "only 3 of 8" in str(e.value) and "after 3 rounds" in str(e.value) and "--dynamic_sampling false" in str(e.value)
     assert len(scripted_engine) == 3
