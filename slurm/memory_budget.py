@@ -104,4 +104,4 @@ def print_budget(cfg: train_dapo.Config) -> None:
 
 
 if __name__ == "__main__":
-    print_budget(train_dapo.parse_config(sys.argv[1:] + ["--run_dir", "unused"]))
+    print_budget(train_dapo.parse_config(sys.argv[1:] + ["--run_dir", "unused"], check_model=False))

@@ -15,10 +15,16 @@ import pytest  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="session", autouse=True)
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slurm: goes through the local Slurm (needs root; started once a session)")
+
+
+@pytest.fixture(scope="session")
 def local_slurm(tmp_path_factory):
-    """A real Slurm on this machine (slurm/local_slurm.sh: two emulated nodes) for the whole
-    session, so every Submitit launch in the tests goes through sbatch. Needs root."""
+    """A real Slurm on this machine (slurm/local_slurm.sh: two emulated nodes), started for
+    the session by the first test marked `slurm` that asks for it, so every Submitit launch
+    in those tests goes through sbatch. Needs root; `pytest -m "not slurm"` runs the rest
+    as any user, with nothing started."""
     state = tmp_path_factory.mktemp("slurm")
     start = subprocess.run(["bash", os.path.join(ROOT, "slurm", "local_slurm.sh"), "start", str(state)],
                            capture_output=True, text=True, timeout=600)

@@ -5,7 +5,7 @@
 update: every process a trainer; one DAPO update of a tiny Qwen2 sharded with FSDP2.
         The trainers' full weights after it, and its metrics, go to OUT (rank 0).
 grads:  every process a trainer; the full gradient of one DAPO update (FSDP2, compute in
-        the dtype given) goes to OUT (rank 0).
+        the dtype given; pi_old from the update's own pass if `reuse` follows) goes to OUT.
 sync:   trainers plus one rollout process. The trainers move their weights, sync them to
         the engine, and save them; the driver writes the engine's greedy answers to OUT."""
 import json
@@ -47,7 +47,9 @@ def update_policy_once(policy: Policy) -> dict:
     cfg, batch = update_config(), update_batch()
     optimizer, _ = train_dapo.make_optimizer(cfg, policy)
     train_dapo.compute_old_logprobs(cfg, policy, batch)
-    batch["old_logprobs"] = batch["old_logprobs"] - 0.3 * batch["mask"]  # ratios away from 1: clipping active
+    # ratios on both sides of 1 and past both clip bounds: both signs of advantage carry gradient
+    shift = 0.4 * torch.randn(batch["mask"].shape, generator=torch.Generator().manual_seed(3))
+    batch["old_logprobs"] = batch["old_logprobs"] + shift * batch["mask"]
     return train_dapo.update_policy(cfg, policy, optimizer, batch, torch.Generator().manual_seed(0))
 
 
@@ -67,26 +69,28 @@ class GradientCapture:
             p.grad = None
 
 
-def update_gradient(policy: Policy) -> dict:
+def update_gradient(policy: Policy, reuse: bool = False) -> dict:
     """The gradient of one whole-batch update whose ratios fall on both sides of 1 and past
-    both clip bounds, so tokens of both advantage signs carry gradient."""
+    both clip bounds, so tokens of both advantage signs carry gradient; reuse: pi_old taken
+    from the update's own pass instead (every ratio 1), as one update a step does."""
     cfg = resolve(Config(mini_batch_size=12, prompts_per_step=3, group_size=4, micro_batch_tokens=40,
                          max_prompt_len=12, max_response_len=16, overlong_cache_len=4, grad_clip=1e9,
                          run_dir="unused"))
     batch = update_batch()
-    train_dapo.compute_old_logprobs(cfg, policy, batch)
-    shift = 0.4 * torch.randn(batch["mask"].shape, generator=torch.Generator().manual_seed(3))
-    batch["old_logprobs"] = batch["old_logprobs"] + shift * batch["mask"]
+    if not reuse:
+        train_dapo.compute_old_logprobs(cfg, policy, batch)
+        shift = 0.4 * torch.randn(batch["mask"].shape, generator=torch.Generator().manual_seed(3))
+        batch["old_logprobs"] = batch["old_logprobs"] + shift * batch["mask"]
     capture = GradientCapture(policy)
     train_dapo.update_policy(cfg, policy, capture, batch, torch.Generator().manual_seed(0))
     return capture.grads
 
 
-def check_grads(out: str, dtype: str) -> None:
+def check_grads(out: str, dtype: str, reuse: bool) -> None:
     train_dapo.join_cluster(resolve(Config(run_dir="unused")))
     policy = tiny_policy()
     train_dapo.shard_policy(policy, getattr(torch, dtype))
-    grads = update_gradient(policy)
+    grads = update_gradient(policy, reuse)
     if torch.distributed.get_rank() == 0:
         torch.save(grads, out)
 
@@ -121,8 +125,8 @@ def loaded_like_the_file(policy: Policy, model: str) -> None:
 
 def check_sync(out: str, model: str) -> None:
     from vllm import SamplingParams
-    cfg = resolve(Config(model_path=model, nproc_per_node=3, rollout_nodes=1, dtype="float32", max_prompt_len=16, max_response_len=24,
-                         run_dir=os.path.dirname(out)))
+    cfg = resolve(Config(model_path=model, nproc_per_node=3, rollout_nodes=1, dtype="float32", max_prompt_len=16,
+                         max_response_len=24, weight_sync_bucket_mb=1, run_dir=os.path.dirname(out)))  # 2 buckets
     cluster = train_dapo.join_cluster(cfg)
     if cluster.roles[cluster.rank] == "rollout":
         return train_dapo.serve_rollouts(cfg, cluster)
@@ -146,7 +150,7 @@ if __name__ == "__main__":
     if mode == "update":
         check_update(out)
     elif mode == "grads":
-        check_grads(out, sys.argv[3])
+        check_grads(out, sys.argv[3], reuse=sys.argv[4:] == ["reuse"])
     else:
         check_sync(out, sys.argv[3])
     train_dapo.leave_cluster()

@@ -17,8 +17,9 @@ TIMING = ("time/", "throughput/", "sync/")
 
 
 def run_config(model_dir, run_dir, total_steps):
+    # one update a step (mini-batch = batch): pi_old from the update's own pass, through a resume
     return resolve(Config(model_path=model_dir, total_steps=total_steps, save_every=2, prompts_per_step=4,
-                          group_size=8, gen_prompts_per_round=16, mini_batch_size=16, lr=5e-4, warmup_steps=2,
+                          group_size=8, gen_prompts_per_round=16, mini_batch_size=32, lr=5e-4, warmup_steps=2,
                           val_every=2, val_max_problems=8, val_samples=2, wandb_mode="disabled", run_dir=str(run_dir)))
 
 

@@ -63,7 +63,7 @@ def greedy(llm) -> list[list[int]]:
 def test_synced_engine_answers_like_a_fresh_engine_from_the_saved_weights(tiny_model_dir, tmp_path):
     torchrun(3, "sync", str(tmp_path / "sync.json"), tiny_model_dir)
     synced = json.load(open(tmp_path / "sync.json"))
-    assert synced["sync/bytes_per_s"] > 0
+    assert synced["sync/bytes_per_s"] > 0 and synced["sync/buckets"] > 1  # weights split across broadcasts
     fresh, _ = make_rollout_engine(str(tmp_path / "synced"), 40, "float32", seed=0)
     base, _ = make_rollout_engine(tiny_model_dir, 40, "float32", seed=0)
     assert synced["greedy"] == greedy(fresh)
@@ -78,10 +78,23 @@ def start_run(model_dir: str, run_dir, total_steps: int) -> subprocess.Popen:
          "--run_dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_two_trainers_and_a_rollout_process_survive_a_killed_engine_by_resuming(tiny_model_dir, tmp_path):
-    """Kill -9 the rollout process mid-run: the job ends within a minute, naming it; the
-    same command then resumes from the last checkpoint and finishes."""
-    proc = start_run(tiny_model_dir, tmp_path, total_steps=1000)
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, tmp_path_factory):
+    """Two trainers and a rollout process, 4 steps uninterrupted: what every interrupted run must log."""
+    from test_checkpoint import step_metrics
+    run_dir = tmp_path_factory.mktemp("straight")
+    proc = start_run(tiny_model_dir, run_dir, total_steps=4)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return step_metrics(run_dir)
+
+
+def test_a_killed_engine_ends_the_job_naming_it_and_the_rerun_matches(tiny_model_dir, tmp_path, straight):
+    """Kill -9 the rollout process mid-run: within 10 s the job ends with an error naming it;
+    the same command then resumes from the last checkpoint and logs what an uninterrupted
+    run logs, step for step."""
+    from test_checkpoint import step_metrics
+    proc = start_run(tiny_model_dir, tmp_path, total_steps=4)
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -92,21 +105,15 @@ def test_two_trainers_and_a_rollout_process_survive_a_killed_engine_by_resuming(
     os.kill(engine_pid, signal.SIGKILL)
     killed_at = time.time()
     _, stderr = proc.communicate(timeout=120)
-    assert time.time() - killed_at < 60
-    assert proc.returncode != 0
+    assert time.time() - killed_at < 10 and proc.returncode != 0
     assert re.search(r"rollout engine 0 \(rank 2\), pid \d+: killed by SIGKILL", stderr), stderr[-3000:]
-
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
     last = int(sorted(os.listdir(tmp_path / "checkpoints"))[-1].split("-")[1])
-    assert last >= 2
-    resumed = start_run(tiny_model_dir, tmp_path, total_steps=last + 1)
+    assert 2 <= last < 4
+    resumed = start_run(tiny_model_dir, tmp_path, total_steps=4)
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints' / f'step-{last}'}" in out
-    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [m["step"] for m in metrics] == list(range(1, last + 2)) and len(steps) >= last
-    for m in metrics:  # the engine samples from the trainers' policy, synced after every step
-        assert m["actor/vllm_logprob_diff"] < 1e-3 and m["sampling/groups_kept"] == 4, m
+    assert step_metrics(tmp_path) == straight
     assert (tmp_path / "final" / "model.safetensors").exists()
 
 
@@ -153,20 +160,18 @@ def kill_launcher_when(proc: subprocess.Popen, marker: str) -> float:
     return time.time() - killed_at
 
 
-def test_a_killed_launcher_takes_its_processes_along_and_the_rerun_matches(tiny_model_dir, tmp_path):
+def test_a_killed_launcher_takes_its_processes_along_and_the_rerun_matches(tiny_model_dir, tmp_path, straight):
     """SIGKILL to the launcher of two trainers and a rollout process, once while the engine
     starts and once mid-run: within 2 s no process of the run is left (they would write on
     into the run directory); the rerun then logs what an uninterrupted run logs."""
     from test_checkpoint import step_metrics
-    straight = start_run(tiny_model_dir, tmp_path / "straight", total_steps=4)
-    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-3000:]
     run_dir = tmp_path / "killed"
     assert kill_launcher_when(start_run(tiny_model_dir, run_dir, 4), "rollout engine 0 (rank 2) on") < 2
     assert kill_launcher_when(start_run(tiny_model_dir, run_dir, 4), "step    2 |") < 2
     rerun = start_run(tiny_model_dir, run_dir, total_steps=4)
     out, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0 and "resumed from" in out, err[-3000:]
-    assert step_metrics(run_dir) == step_metrics(tmp_path / "straight")
+    assert step_metrics(run_dir) == straight
 
 
 def test_a_run_directory_has_one_writer_and_a_dead_ones_claim_lapses(tiny_model_dir, tmp_path):

@@ -34,12 +34,12 @@ def test_keeps_only_mixed_groups_and_refills_in_rounds(scripted_engine):
     correct = [0, G, 2, 0, 1, G, 0, 3, G, 0, 2, 1, 0, 0, 3, 2]   # mixed at 2, 4, 7, 10, 11, 14, 15
     sampler = PromptSampler(scripted_rows(correct), seed=0)
     sampler.order = list(range(len(correct)))                    # in order, to know what each round sees
-    cfg = config(prompts_per_step=5, gen_prompts_per_round=4)
+    cfg = config(prompts_per_step=4, gen_prompts_per_round=4)
     rows, responses, all_groups, stats = collect_batch(cfg, None, sampler, step=1)
-    assert [r["id"] for r in rows] == ["2", "4", "7", "10", "11"]
+    assert [r["id"] for r in rows] == ["2", "4", "7", "10"]  # 11, the last round's surplus, is dropped
     assert scripted_engine == [["0", "1", "2", "3"], ["4", "5", "6", "7"], ["8", "9", "10", "11"]]
-    assert stats == {"sampling/rounds": 3, "sampling/groups_generated": 12, "sampling/groups_kept": 5,
-                     "sampling/filtered_share": 1 - 5 / 12}
+    assert stats == {"sampling/rounds": 3, "sampling/groups_generated": 12, "sampling/groups_kept": 4,
+                     "sampling/groups_surplus": 1, "sampling/filtered_share": 1 - 5 / 12}
     assert len(all_groups) == 12
     assert all(0 < sum(r["acc"] for r in g) < G for g in responses)
 

@@ -102,3 +102,22 @@ def test_bad_flag_is_named(tmp_path):
     proc = subprocess.run([sys.executable, "train_dapo.py", "--loss_agg_mode", "seq-sum", "--run_dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--loss_agg_mode" in proc.stderr and "seq-sum" in proc.stderr
+
+
+def test_the_trainers_validation_and_eval_give_the_same_number(trained, tmp_path):
+    """Same checkpoint, problems, samples and seed: the trainer's validation (its live,
+    synced engine) and eval/evaluate.py (a fresh engine from final/) report the same avg@4."""
+    import dataclasses
+
+    from eval.evaluate import main as evaluate_main
+    from train_dapo import load_prompts, validate
+    cfg = dataclasses.replace(trained["cfg"], val_samples=4, val_temperature=1.0, val_top_p=1.0)
+    rows = data_prep.load_rows("synthetic:val")[:40]
+    data_prep.write_rows(rows, str(tmp_path / "val.jsonl"))
+    live = validate(cfg, trained["llm"], trained["tokenizer"],
+                    load_prompts(str(tmp_path / "val.jsonl"), trained["tokenizer"], cfg.max_prompt_len))
+    evaluate_main(["--model", os.path.join(cfg.run_dir, "final"), "--data", str(tmp_path / "val.jsonl"), "--n", "4",
+                   "--temperature", "1.0", "--top-p", "1.0", "--max-tokens", str(cfg.max_response_len),
+                   "--seed", str(cfg.seed + 7), "--dtype", "float32", "--out", str(tmp_path / "report")])
+    offline = json.loads((tmp_path / "report" / "result.json").read_text())["summary"]
+    assert 0 < live["val/acc"] < 1 and live["val/acc"] == offline["avg@4"]

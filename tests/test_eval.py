@@ -53,6 +53,10 @@ def test_evaluate_the_tiny_model_end_to_end(tiny_model_dir, tmp_path):
     per_problem = result["per_problem"]
     assert len(per_problem) == 12 and all(len(p["acc"]) == 4 for p in per_problem)
     assert result["summary"]["avg@4"] == pytest.approx(sum(map(sum, (p["acc"] for p in per_problem))) / 48)
+    # each sample against its known answer, checked here as integers: right and wrong both occur
+    truth = [[p["preds"][k] is not None and p["preds"][k].strip().lstrip("-").isdigit()
+              and int(p["preds"][k]) == int(p["answer"]) for k in range(4)] for p in per_problem]
+    assert [p["acc"] for p in per_problem] == truth and 0 < sum(map(sum, truth)) < 48
     assert result["summary"]["response_length"]["mean"] > 5   # it writes working, not nothing
     assert (out / "pass_at_k.png").stat().st_size > 1000
     assert len((out / "per_problem.tsv").read_text().splitlines()) == 13
@@ -77,7 +81,8 @@ def test_unknown_data_format_is_named(tiny_model_dir, tmp_path):
     assert proc.returncode != 0 and "unknown format" in proc.stderr and str(bad) in proc.stderr
 
 
-def test_evaluation_as_a_submitit_job(tiny_model_dir, tmp_path):
+@pytest.mark.slurm
+def test_evaluation_as_a_submitit_job(tiny_model_dir, tmp_path, local_slurm):
     """Through the local Slurm the tests start (conftest.py): same code, same report."""
     out = tmp_path / "report"
     proc = run_eval("--model", tiny_model_dir, "--data", "synthetic:val", "--n", "2", "--max-tokens", "32",
@@ -100,3 +105,12 @@ def test_a_prompt_past_the_context_is_named_before_the_engine_starts(tiny_model_
 def test_a_job_must_say_how_many_gpus_it_needs(tiny_model_dir):
     proc = run_eval("--model", tiny_model_dir, "--data", "synthetic:val", "--submit")
     assert proc.returncode != 0 and "--submit needs --gpus N" in proc.stderr
+
+
+def test_eval_never_imports_the_trainer():
+    """The dependency runs one way: train_dapo.py uses eval/evaluate.py, not back."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, "eval", "evaluate.py")).read())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "train_dapo" not in imported and "reward" in imported

@@ -97,6 +97,13 @@ def test_two_trainers_fp32_give_the_unsharded_gradient(tmp_path, reference_gradi
     assert relative_error(torch.load(tmp_path / "g.pt"), reference_gradient) < 1e-5
 
 
+def test_two_trainers_taking_pi_old_from_their_own_pass_give_the_unsharded_gradient(tmp_path):
+    torchrun(2, "grads", str(tmp_path / "g.pt"), "float32", "reuse")
+    one = update_gradient(tiny_policy(), reuse=True)
+    assert relative_error(torch.load(tmp_path / "g.pt"), one) < 1e-5
+    assert relative_error(one, update_gradient(tiny_policy())) > 0.05  # the ratios differ: the check can fail
+
+
 def test_bf16_compute_over_fp32_masters_on_two_trainers_and_on_one(tmp_path, reference_gradient):
     """FSDP2's mixed precision as the GPU runs it, on gloo: the gradient is the fp32 one to
     bf16 accuracy, over two trainers and over a group of one (every one-GPU run); a scale
@@ -129,7 +136,7 @@ def test_the_gpu_smoke_test_refuses_to_run_without_a_gpu():
 
 def budget_rows(flags: list[str]) -> list[tuple[str, float]]:
     from slurm.memory_budget import model_shape, trainer_budget, trainer_count
-    cfg = parse_config(flags + ["--run_dir", "unused"])
+    cfg = parse_config(flags + ["--run_dir", "unused"], check_model=False)
     return trainer_budget(cfg, model_shape(cfg.model_path), trainer_count(cfg))
 
 

@@ -49,7 +49,7 @@ def random_batch(B=6, T=9, seed=0):
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("eps", [(0.2, 0.28), (0.2, 0.2)])
-@pytest.mark.parametrize("dual_clip_c", [0.0, 3.0])
+@pytest.mark.parametrize("dual_clip_c", [0.0, 1.5, 3.0])  # ratios reach 2.7: c = 1.5 caps some tokens
 def test_policy_loss_matches_reference(mode, seed, eps, dual_clip_c):
     new, old, adv, mask = random_batch(seed=seed)
     new.requires_grad_(True)
@@ -126,3 +126,39 @@ def test_overlong_penalty_at_the_boundaries():
         return -1.0
     assert got == pytest.approx([reference(n) for n in lengths], abs=1e-15)
     assert got[3] == pytest.approx(-1 / 4096) and got[4] == pytest.approx(-0.5) and got[6] == -1.0
+
+
+RATIOS = [0.5, 0.79, 0.81, 1.0, 1.27, 1.29, 2.0, 2.9, 3.1, 6.0]  # around 1 - 0.2, 1 + 0.28 and c = 3
+
+
+@pytest.mark.parametrize("dual_clip_c", [0.0, 3.0])
+def test_every_clip_bound_in_value_gradient_and_count(dual_clip_c):
+    """One token a row, its ratio just inside and just past each bound, both signs of
+    advantage: the per-token gradient is -A r where the objective is unclipped and 0 where a
+    bound holds it (below 1 - eps_low for A < 0, above 1 + eps_high for A > 0, above c for
+    A < 0 under dual clip); the loss is the mean of the reference's per-token terms."""
+    ratios = torch.tensor(RATIOS * 2, dtype=torch.float64)
+    adv = torch.tensor([1.0] * len(RATIOS) + [-1.0] * len(RATIOS), dtype=torch.float64)
+    old = torch.zeros(len(ratios), 1, dtype=torch.float64)
+    new = ratios.log()[:, None].clone().requires_grad_(True)
+    mask = torch.ones_like(old)
+    loss, m = compute_policy_loss(new, old, adv, mask, 0.2, 0.28, dual_clip_c=dual_clip_c)
+    loss.backward()
+    held = [(a > 0 and r > 1.28) or (a < 0 and r < 0.8) or (a < 0 and 0 < dual_clip_c < r)
+            for r, a in zip(ratios.tolist(), adv.tolist())]
+    expected_grad = [0.0 if h else -a * r / len(ratios) for h, r, a in zip(held, ratios.tolist(), adv.tolist())]
+    assert new.grad[:, 0].tolist() == pytest.approx(expected_grad, abs=1e-12)
+    terms = [reference_loss([[math.log(r)]], [[0.0]], [a], [[1]], 0.2, 0.28, "token-mean", dual_clip_c)
+             for r, a in zip(ratios.tolist(), adv.tolist())]
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-12)
+    if dual_clip_c:  # the cap is reached: a negative-advantage token at ratio 6 costs c, not 6
+        assert terms[-1] == pytest.approx(dual_clip_c)
+    assert m["actor/clipfrac_high"].item() == pytest.approx(sum(r > 1.28 for r in RATIOS) / len(ratios))
+    assert m["actor/clipfrac_low"].item() == pytest.approx(sum(r < 0.8 for r in RATIOS) / len(ratios))
+
+
+def test_a_ratio_exactly_at_a_bound_is_not_clipped():
+    """Ratio exactly 1 against bounds of exactly 1 (eps 0): strict comparisons count nothing."""
+    zeros = torch.zeros(2, 1, dtype=torch.float64)
+    _, m = compute_policy_loss(zeros, zeros, torch.tensor([1.0, -1.0], dtype=torch.float64), torch.ones(2, 1), 0.0, 0.0)
+    assert m["actor/clipfrac_low"].item() == 0 and m["actor/clipfrac_high"].item() == 0

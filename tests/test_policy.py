@@ -85,7 +85,9 @@ def test_micro_batch_split_and_checkpointing_do_not_change_the_update(model, mod
             m.train()
         batch = make_batch()
         compute_old_logprobs(cfg, m, batch)
-        batch["old_logprobs"] = batch["old_logprobs"].double() - 0.3 * batch["mask"]  # ratios away from 1: clipping active
+        # ratios on both sides of 1 and past both clip bounds: both signs of advantage carry gradient
+        shift = 0.4 * torch.randn(batch["mask"].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        batch["old_logprobs"] = batch["old_logprobs"].double() + shift * batch["mask"]
         before = [p.detach().clone() for p in m.parameters()]
         update_policy(cfg, m, torch.optim.SGD(m.parameters(), lr=1.0), batch, torch.Generator().manual_seed(0))
         deltas.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(m.parameters(), before)]))

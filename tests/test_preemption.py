@@ -105,7 +105,9 @@ def submit_and_preempt(command, run_dir, preempt) -> str:
     return {n: open(os.path.join(folder, n)).read() for n in sorted(os.listdir(folder)) if n.endswith("_log.out")}
 
 
-def test_slurm_usr2_requeues_the_job_and_it_resumes_like_an_uninterrupted_run(tiny_model_dir, tmp_path, straight):
+@pytest.mark.slurm
+def test_slurm_usr2_requeues_the_job_and_it_resumes_like_an_uninterrupted_run(tiny_model_dir, tmp_path, straight,
+                                                                             local_slurm):
     command = [sys.executable, "train_dapo.py", "--submit", "true", "--slurm_time_min", "60",
                *run_flags(tiny_model_dir, tmp_path)]
     logs = submit_and_preempt(command, tmp_path, lambda job: run(["scancel", "--signal=USR2", job]))
@@ -114,7 +116,9 @@ def test_slurm_usr2_requeues_the_job_and_it_resumes_like_an_uninterrupted_run(ti
     assert_resumed_like_straight(tmp_path, straight, log)
 
 
-def test_a_higher_priority_job_preempts_the_two_node_job_which_resumes(tiny_model_dir, tmp_path, straight):
+@pytest.mark.slurm
+def test_a_higher_priority_job_preempts_the_two_node_job_which_resumes(tiny_model_dir, tmp_path, straight,
+                                                                      local_slurm):
     """slurm/small.sh (node 1 trains, node 2 hosts the engine) preempted by a job of the
     `urgent` partition that needs both nodes: Slurm sends USR2, the trainer checkpoints,
     Submitit requeues; once the urgent job is done the run resumes on the same layout."""
@@ -140,9 +144,12 @@ def test_the_32b_launch_script_asks_for_the_papers_layout(tmp_path):
                              env=os.environ | {"PYTHON": str(echo), "MODEL": str(model)})
     assert missing.returncode == 1 and "hf download Qwen/Qwen2.5-32B" in missing.stderr  # a path, never a hub name
     model.mkdir()
-    (model / "config.json").write_text("{}")
-    argv = run(["bash", "slurm/qwen2.5-32b.sh", "--slurm_partition", "gpu"],
-               env=os.environ | {"PYTHON": str(echo), "MODEL": str(model)}).stdout.splitlines()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 131072}))
+    data = [tmp_path / "train.jsonl", tmp_path / "aime.jsonl"]
+    for path in data:
+        path.write_text("")
+    argv = run(["bash", "slurm/qwen2.5-32b.sh", "--slurm_partition", "gpu", "--train_data", str(data[0]),
+                "--val_data", str(data[1])], env=os.environ | {"PYTHON": str(echo), "MODEL": str(model)}).stdout.splitlines()
     assert argv[0] == "train_dapo.py"
     cfg = parse_config(argv[1:])
     assert cfg.model_path == str(model) and cfg.slurm_mem == "0"

@@ -1,6 +1,9 @@
+import os
 import time
 
 import pytest
+
+import reward
 
 from reward import compute_score, extract_answer
 
@@ -61,9 +64,50 @@ HOSTILE = [
 
 @pytest.mark.parametrize("response", HOSTILE, ids=range(len(HOSTILE)))
 def test_hostile_inputs_score_in_bounded_time(response):
+    """Within the documented budget (math-verify's three stages, VERIFY_TIMEOUT_S each, plus
+    a second of margin), and scored right: only the one that answers 5 is correct."""
     t0 = time.perf_counter()
     out = compute_score(response, "5")
-    assert time.perf_counter() - t0 < 10
-    assert out["score"] in (1.0, -1.0) and isinstance(out["acc"], bool)
-    if response and response.endswith("Answer: 5"):
-        assert out["acc"]
+    assert time.perf_counter() - t0 < 3 * reward.VERIFY_TIMEOUT_S + 1
+    correct = isinstance(response, str) and response.endswith("\nAnswer: 5")
+    assert out == {"score": 1.0 if correct else -1.0, "acc": correct, "pred": "5" if correct else out["pred"]}
+
+
+# Single-line answers beyond integers, in the style of math-verify's own test cases: tuples,
+# intervals, sets, fractions, decimals, percentages, units, \\text{}, expressions. Commas and
+# spaces are part of such answers: (8,-2) is not 8-2, and 1,2 is not 12.
+BEYOND_INTEGERS = [  # (answer as the model wrote it, gold, equivalent?)
+    ("\\{1,2\\}", "\\{2,1\\}", True), ("x \\in [-2,7]", "-2 \\le x \\le 7", True), ("6", "(8,-2)", False),
+    ("12", "1,2", False), ("(8,-2)", "(8, -2)", True), ("(8,-2)", "(-2,8)", False), ("[1,3)", "[1, 3)", True),
+    ("[1,3)", "[1,3]", False), ("(-\\infty, 2]", "(-\\infty,2]", True), ("\\frac{1}{2}", "0.5", True),
+    ("50\\%", "50", True), ("50\\%", "0.5", True), ("0.333", "\\frac{1}{3}", False), ("\\sqrt{8}", "2\\sqrt{2}", True),
+    ("2\\sqrt{2}", "\\sqrt{2}", False), ("\\text{Monday}", "Monday", True), ("\\text{(B)}", "B", True),
+    ("x=3", "3", True), ("y = 2x + 1", "2x+1", True), ("x^2+2x+1", "(x+1)^2", True), ("1,000", "1000", True),
+    ("1{,}000", "1000", True), ("3.14", "\\pi", False), ("\\pi", "\\pi", True), ("2\\pi", "6.28", False),
+    ("45^\\circ", "45", True), ("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2", True),
+    ("-\\frac{3}{4}", "-0.75", True), ("\\dfrac{7}{8}", "\\frac78", True), ("1, 2, 3", "1,2,3", True),
+    ("(1,2)", "(2,1)", False), ("\\{1,2,3\\}", "\\{3,2,1\\}", True), ("a+b", "b+a", True), ("2^{10}", "1024", True), ("10^{3}", "1000", True),
+    ("0.1", "1/10", True), (".5", "1/2", True), ("5.0", "5", True), ("5.00", "5", True), ("5.01", "5", False),
+    ("\\$18.90", "18.90", True), ("18.9", "18.90", True), ("\\frac{1}{6}", "\\frac{2}{12}", True),
+    ("-2", "2", False), ("\\infty", "\\infty", True), ("\\emptyset", "\\emptyset", True),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", True),
+    ("3 + 4i", "4i + 3", True), ("3-4i", "3+4i", False), ("\\log_2 8", "3", True), ("e^{0}", "1", True),
+    ("\\frac{3}{2}", "1\\frac{1}{2}", True), ("x=1, x=2", "1,2", True), ("7", "007", True), 
+    ("\\text{no solution}", "\\text{No solution}", True), ("(0,1)", "(0, 1)", True), ("2, 3", "3, 2", True),
+]
+
+
+@pytest.mark.parametrize("answer,gold,equivalent", BEYOND_INTEGERS)
+def test_answers_beyond_integers(answer, gold, equivalent):
+    assert compute_score(f"Answer: {answer}", gold)["acc"] is equivalent
+
+
+def test_without_math_verify_the_reward_refuses_to_load():
+    import subprocess
+    import sys
+    code = ("import importlib.util; find = importlib.util.find_spec; "
+            "importlib.util.find_spec = lambda name, *a: None if name == 'math_verify' else find(name, *a); "
+            "import reward")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode != 0 and "reward.py needs math-verify" in proc.stderr
