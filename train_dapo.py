@@ -337,6 +337,11 @@ def model_context(cfg: Config) -> int:
                          f"hub{offline}: {str(e).splitlines()[0]}") from None
 
 
+class RunError(Exception):
+    """A problem with what the user gave the run that shows only once it runs (its directory,
+    its checkpoint, its data's difficulty): reported as one line, without a traceback."""
+
+
 # =============================================================================== Processes and roles
 
 # Collectives may wait as long as a step takes (trainers while the driver generates, engines
@@ -408,9 +413,9 @@ def take_gpus(cfg: Config, roles: list[str], rank: int) -> None:
     process sees only its own (vLLM's workers inherit CUDA_VISIBLE_DEVICES)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]  # NVML: no CUDA init
-    mine = assign_gpus(roles, rank, int(os.environ["LOCAL_WORLD_SIZE"]), cfg.tensor_parallel_size, len(ids))
-    if not ids:
+    if not ids:  # CPU
         return
+    mine = assign_gpus(roles, rank, int(os.environ["LOCAL_WORLD_SIZE"]), cfg.tensor_parallel_size, len(ids))
     if roles[rank] == "trainer":
         torch.cuda.set_device(mine[0])
     else:
@@ -1420,6 +1425,7 @@ def read_prompts(cfg: Config, tokenizer) -> tuple[list[dict], list[dict]]:
 
 
 def run_training(cfg: Config, cluster: Cluster):
+    """train()'s body, once the run directory is this run's."""
     driver = cluster.rank == 0
     preemption = PreemptionWatch()  # from the start: a USR2 during loading is acted on after step 1
     random.seed(cfg.seed)
@@ -1488,11 +1494,6 @@ def run_training(cfg: Config, cluster: Cluster):
 
 # =============================================================================== Checkpoints
 
-class RunError(Exception):
-    """A problem with what the user gave the run (its directory, its checkpoint): reported as
-    one line, without a traceback."""
-
-
 def claim_run_dir(run_dir: str):
     """One writer at a time: an exclusive lock on run_dir/owner while this run lives. The
     kernel drops it when the process ends, however it ends, so a dead owner's claim never
@@ -1507,7 +1508,7 @@ def claim_run_dir(run_dir: str):
         owner = f.read().strip()
         f.close()
         raise RunError(f"--run_dir {run_dir}: another run is writing it ({owner}); stop that run or choose "
-                         "another --run_dir") from None
+                       "another --run_dir") from None
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     f.flush()

@@ -56,6 +56,26 @@ def test_two_dapo_steps_log_what_the_paper_monitors(trained):
     assert run["config"]["total_steps"] == 2
 
 
+def test_the_trainers_validation_and_eval_give_the_same_number(trained, tmp_path):
+    """Same checkpoint, problems, samples and seed: the trainer's validation (its live,
+    synced engine) and eval/evaluate.py (a fresh engine from final/, in a process of its
+    own) report the same avg@4. Before any other engine is made in this process: dropping
+    one tears down vLLM's groups under the live engine."""
+    import dataclasses
+
+    from train_dapo import load_prompts, validate
+    cfg = dataclasses.replace(trained["cfg"], val_samples=4, val_temperature=1.0, val_top_p=1.0)
+    data_prep.write_rows(data_prep.load_dapo_rows("synthetic:val")[:40], str(tmp_path / "val.jsonl"))
+    live = validate(cfg, trained["llm"], trained["tokenizer"],
+                    load_prompts(str(tmp_path / "val.jsonl"), trained["tokenizer"], cfg.max_prompt_len))
+    proc = subprocess.run([sys.executable, "-m", "eval.evaluate", "--model", os.path.join(cfg.run_dir, "final"),
+                           "--data", str(tmp_path / "val.jsonl"), "--n", "4", "--temperature", "1.0", "--top-p", "1.0",
+                           "--max-tokens", str(cfg.max_response_len), "--seed", str(cfg.seed + 7), "--dtype", "float32",
+                           "--out", str(tmp_path / "report")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = json.loads((tmp_path / "report" / "result.json").read_text())["summary"]
+    assert 0 < live["val/acc"] < 1 and live["val/acc"] == offline["avg@4"]
+
 def test_synced_engine_equals_a_fresh_engine_from_the_saved_weights(trained, tiny_model_dir):
     tokenizer = trained["tokenizer"]
     prompts = [prompt_token_ids(tokenizer, r["prompt"]) for r in data_prep.load_rows("synthetic:val")[:24]]
@@ -103,21 +123,3 @@ def test_bad_flag_is_named(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--loss_agg_mode" in proc.stderr and "seq-sum" in proc.stderr
 
-
-def test_the_trainers_validation_and_eval_give_the_same_number(trained, tmp_path):
-    """Same checkpoint, problems, samples and seed: the trainer's validation (its live,
-    synced engine) and eval/evaluate.py (a fresh engine from final/) report the same avg@4."""
-    import dataclasses
-
-    from eval.evaluate import main as evaluate_main
-    from train_dapo import load_prompts, validate
-    cfg = dataclasses.replace(trained["cfg"], val_samples=4, val_temperature=1.0, val_top_p=1.0)
-    rows = data_prep.load_rows("synthetic:val")[:40]
-    data_prep.write_rows(rows, str(tmp_path / "val.jsonl"))
-    live = validate(cfg, trained["llm"], trained["tokenizer"],
-                    load_prompts(str(tmp_path / "val.jsonl"), trained["tokenizer"], cfg.max_prompt_len))
-    evaluate_main(["--model", os.path.join(cfg.run_dir, "final"), "--data", str(tmp_path / "val.jsonl"), "--n", "4",
-                   "--temperature", "1.0", "--top-p", "1.0", "--max-tokens", str(cfg.max_response_len),
-                   "--seed", str(cfg.seed + 7), "--dtype", "float32", "--out", str(tmp_path / "report")])
-    offline = json.loads((tmp_path / "report" / "result.json").read_text())["summary"]
-    assert 0 < live["val/acc"] < 1 and live["val/acc"] == offline["avg@4"]
