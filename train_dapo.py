@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 import data_prep
-from eval.evaluate import generate_and_score, make_engine, prompt_token_ids, submit_job
+from eval.evaluate import FlagParser, generate_and_score, make_engine, prompt_token_ids, submit_job
 from reward import compute_score, overlong_penalty
 
 
@@ -229,13 +229,6 @@ def parse_bool(text: str) -> bool:
     if text.lower() in ("true", "1", "yes", "false", "0", "no"):
         return text.lower() in ("true", "1", "yes")
     raise ValueError(text)
-
-
-class FlagParser(argparse.ArgumentParser):
-    """argparse whose errors are one line naming the flag, not a page of usage first."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_config(argv: list[str], check_model: bool = True) -> Config:
@@ -1779,7 +1772,8 @@ def submit(cfg: Config) -> str:
 
 
 if __name__ == "__main__":
-    cfg = parse_config(sys.argv[1:])
+    # a process of a launch gets flags its launcher already checked: it need not read the model's config again
+    cfg = parse_config(sys.argv[1:], check_model="LOCAL_RANK" not in os.environ)
     if cfg.submit:
         submit(cfg)
     elif "LOCAL_RANK" in os.environ:  # started by launch()
