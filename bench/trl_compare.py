@@ -83,13 +83,14 @@ def run_ours(args, model_dir: str, data: str) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     steps, prompt_tokens, collect = [], [], T.collect_batch
 
-    def counting_collect(cfg, llm, sampler, step):
-        out = collect(cfg, llm, sampler, step)
+    def counting_collect(cfg, llm, sampler, step, pool=None):
+        out = collect(cfg, llm, sampler, step, pool)
         prompt_tokens.append(sum(len(r["prompt_ids"]) for r in out[0]) * cfg.group_size)
         return out
     T.collect_batch = counting_collect
+    rollouts = T.Rollouts(cfg, llm, sampler)
     for step in range(1, args.steps + 1):
-        m = T.train_step(cfg, step, llm, policy, optimizer, scheduler, sampler, generator)
+        m = T.train_step(cfg, step, llm, policy, optimizer, scheduler, rollouts, generator)
         tokens = round(m["response/length_mean"] * args.prompts * 16)  # every group kept: no dynamic sampling
         steps.append({"step": m["time/step"], "rollout": m["time/rollout"], "valid_tokens": tokens,
                       "update": m["time/old_logprobs"] + m["time/update"],  # both passes an update needs

@@ -38,7 +38,7 @@ def update_batch() -> dict:
                  for _ in range(12)]
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(r)) for r in responses], batch_first=True)
     mask[3] = 0.0  # an overlong-filtered response
-    return {"prompt_ids": prompts, "response_ids": responses, "vllm_logprobs": [[-1.0] * len(r) for r in responses],
+    return {"prompt_ids": prompts, "response_ids": responses, "vllm_logprobs": -mask,
             "advantages": torch.randn(12, generator=g), "mask": mask}
 
 

@@ -72,7 +72,8 @@ def test_synced_engine_answers_like_a_fresh_engine_from_the_saved_weights(tiny_m
 
 def start_run(model_dir: str, run_dir, total_steps: int) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "train_dapo.py", "--nproc_per_node", "3", "--rollout_nodes", "1", "--model_path", model_dir,
+        [sys.executable, "train_dapo.py", "--nproc_per_node", "3", "--rollout_nodes", "1", "--max_staleness", "1",
+         "--model_path", model_dir,
          "--total_steps", str(total_steps), "--save_every", "1", "--prompts_per_step", "4", "--group_size", "8",
          "--gen_prompts_per_round", "16", "--mini_batch_size", "16", "--val_data", "", "--wandb_mode", "disabled",
          "--run_dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -80,7 +81,8 @@ def start_run(model_dir: str, run_dir, total_steps: int) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def straight(tiny_model_dir, tmp_path_factory):
-    """Two trainers and a rollout process, 4 steps uninterrupted: what every interrupted run must log."""
+    """Two trainers and a rollout process generating one step ahead (K = 1: a checkpoint holds
+    a batch made ahead), 4 steps uninterrupted: what every interrupted run must log."""
     from test_checkpoint import step_metrics
     run_dir = tmp_path_factory.mktemp("straight")
     proc = start_run(tiny_model_dir, run_dir, total_steps=4)

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from train_dapo import compute_advantages, compute_policy_loss, overlong_penalty
+from train_dapo import compute_advantages, compute_policy_loss, importance_weights, overlong_penalty
 
 
-def reference_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, mode, dual_clip_c=0.0):
-    """Float64, one token at a time, min-of-objectives form (the paper's formula)."""
+def reference_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, mode, dual_clip_c=0.0,
+                   vllm_logprobs=None, tis_cap=0.0):
+    """Float64, one token at a time, min-of-objectives form (the paper's formula); with
+    vllm_logprobs each token's term is weighted by min(pi_old / pi_vllm, tis_cap)."""
     per_seq, token_terms = [], []
     for i in range(len(advantages)):
         a = float(advantages[i])
@@ -22,6 +24,8 @@ def reference_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, 
             objective = min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
             if dual_clip_c and a < 0:
                 objective = max(objective, dual_clip_c * a)
+            if vllm_logprobs is not None:
+                objective *= min(math.exp(float(old_logprobs[i][t]) - float(vllm_logprobs[i][t])), tis_cap)
             terms.append(-objective)
         token_terms += terms
         if terms:
@@ -162,3 +166,42 @@ def test_a_ratio_exactly_at_a_bound_is_not_clipped():
     zeros = torch.zeros(2, 1, dtype=torch.float64)
     _, m = compute_policy_loss(zeros, zeros, torch.tensor([1.0, -1.0], dtype=torch.float64), torch.ones(2, 1), 0.0, 0.0)
     assert m["actor/clipfrac_low"].item() == 0 and m["actor/clipfrac_high"].item() == 0
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("dual_clip_c", [0.0, 1.5])
+def test_truncated_importance_weights_match_reference_in_value_and_gradient(mode, seed, dual_clip_c):
+    """TIS: each token's clipped term times min(pi_old / pi_vllm, C), a constant: the engine's
+    log-probs drawn so that weights fall below 1, between 1 and C and past C (truncated)."""
+    new, old, adv, mask = random_batch(seed=seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    vllm = old + (torch.rand(old.shape, generator=g, dtype=torch.float64) * 3 - 1.5)  # weights e^-1.5 .. e^1.5
+    weights = importance_weights(old, vllm, 2.0)
+    assert (weights < 1).any() and ((weights > 1) & (weights < 2)).any() and (weights == 2).any()
+    new.requires_grad_(True)
+    loss, _ = compute_policy_loss(new, old, adv, mask, 0.2, 0.28, mode, dual_clip_c=dual_clip_c, is_weights=weights)
+    args = (old.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, mode, dual_clip_c, vllm.tolist(), 2.0)
+    assert loss.item() == pytest.approx(reference_loss(new.tolist(), *args), rel=1e-12, abs=1e-12)
+    plain, _ = compute_policy_loss(new, old, adv, mask, 0.2, 0.28, mode, dual_clip_c=dual_clip_c)
+    assert abs(loss.item() - plain.item()) > 1e-3  # the weights count
+    loss.backward()
+    h = 1e-6
+    for i in range(len(adv)):
+        for t in range(mask.shape[1]):
+            if mask[i, t] == 0 or (i + t) % 3 or (i == 0 and t < 2):  # (0, 0), (0, 1): at a clip's kink
+                continue
+            plus, minus = new.detach().clone(), new.detach().clone()
+            plus[i, t] += h
+            minus[i, t] -= h
+            fd = (reference_loss(plus.tolist(), *args) - reference_loss(minus.tolist(), *args)) / (2 * h)
+            assert new.grad[i, t].item() == pytest.approx(fd, abs=1e-6)
+
+
+def test_importance_weights_are_constants_truncated_at_the_cap():
+    old = torch.tensor([0.0, -1.0, -3.0, -50.0], dtype=torch.float64, requires_grad=True)
+    vllm = torch.tensor([0.0, -1.5, -0.5, -1.0], dtype=torch.float64)
+    w = importance_weights(old, vllm, 2.0)
+    assert w.tolist() == pytest.approx([1.0, math.exp(0.5), math.exp(-2.5), math.exp(-49.0)])
+    assert not w.requires_grad
+    assert importance_weights(torch.tensor([0.0]), torch.tensor([-5.0]), 2.0).item() == 2.0

@@ -6,8 +6,8 @@ import torch
 
 from demo.base_model import build_model, build_tokenizer
 import train_dapo
-from train_dapo import (Config, Policy, compute_old_logprobs, compute_policy_loss, dapo_token_loss, my_micro_batches,
-                        pack_micro_batches, policy_logprobs, resolve, update_policy)
+from train_dapo import (Config, Policy, compute_old_logprobs, compute_policy_loss, dapo_token_loss, importance_weights,
+                        my_micro_batches, pack_micro_batches, policy_logprobs, resolve, update_policy)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,8 @@ def make_batch(mode_seed=0, n=12):
     for i, r in enumerate(responses):
         mask[i, :len(r)] = 1.0
     mask[3] = 0.0  # an overlong-filtered response
-    return {"prompt_ids": prompts, "response_ids": responses, "vllm_logprobs": [[-1.0] * len(r) for r in responses],
+    vllm_logprobs = -torch.rand(n, T, generator=g, dtype=torch.float64) * 4  # TIS weights far on both sides of 1
+    return {"prompt_ids": prompts, "response_ids": responses, "vllm_logprobs": vllm_logprobs * mask.bool(),
             "advantages": torch.randn(n, generator=g, dtype=torch.float64), "mask": mask.double()}
 
 
@@ -98,13 +99,14 @@ def test_micro_batch_split_and_checkpointing_do_not_change_the_update(model, mod
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
-def test_one_update_a_step_takes_pi_old_from_its_own_pass(model, mode):
+@pytest.mark.parametrize("tis", ["off", "on"])
+def test_one_update_a_step_takes_pi_old_from_its_own_pass(model, mode, tis):
     """With one update a step pi_old is the policy as it stands, so the update's own
     log-probs (detached) stand in for a separate old-log-prob pass: the same update, the
     same old log-probs and actor metrics. More than one update without them is refused."""
     cfg = resolve(Config(mini_batch_size=12, prompts_per_step=3, group_size=4, micro_batch_tokens=80,
                          max_prompt_len=12, max_response_len=16, overlong_cache_len=4, grad_clip=1e9,
-                         loss_agg_mode=mode, run_dir="unused"))
+                         loss_agg_mode=mode, tis=tis, run_dir="unused"))
     runs = []
     for separate in (True, False):
         m, batch = copy.deepcopy(model), make_batch()
@@ -117,7 +119,8 @@ def test_one_update_a_step_takes_pi_old_from_its_own_pass(model, mode):
     assert delta.abs().max() > 1e-4
     torch.testing.assert_close(delta_reused, delta, rtol=0, atol=1e-10)
     torch.testing.assert_close(old_reused, old, rtol=0, atol=1e-10)
-    for key in ("actor/entropy", "actor/gen_prob_mean", "actor/vllm_logprob_diff", "actor/clipfrac_high"):
+    for key in ("actor/entropy", "actor/gen_prob_mean", "actor/vllm_logprob_diff", "actor/clipfrac_high",
+                "tis/weight_mean", "tis/truncated_share"):
         assert metrics_reused[key] == pytest.approx(metrics[key], rel=1e-9, abs=1e-12), key
     cfg.mini_batch_size = 4
     m = copy.deepcopy(model)
@@ -153,12 +156,13 @@ def test_chunked_logprobs_equal_full_logits_in_value_and_gradient(chunk, tempera
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
 @pytest.mark.parametrize("chunk", [7, 512])
-def test_fused_loss_equals_the_loss_of_full_logits_in_value_and_gradient(model, mode, chunk, monkeypatch):
+@pytest.mark.parametrize("tis", ["off", "on"])
+def test_fused_loss_equals_the_loss_of_full_logits_in_value_and_gradient(model, mode, chunk, tis, monkeypatch):
     """The update's path (gradients made in the forward, chunk by chunk, per-token loss
     terms) against autograd through the full [tokens x vocab] logits and the padded loss."""
     monkeypatch.setattr(train_dapo, "LOGITS_CHUNK", chunk)
     cfg = resolve(Config(mini_batch_size=12, prompts_per_step=3, group_size=4, max_prompt_len=12, max_response_len=16,
-                         overlong_cache_len=4, loss_agg_mode=mode, dual_clip_c=3.0, run_dir="unused"))
+                         overlong_cache_len=4, loss_agg_mode=mode, dual_clip_c=3.0, tis=tis, run_dir="unused"))
     batch, idx = make_batch(mode_seed=2), [0, 3, 5, 6, 9]
     B = len(batch["response_ids"])
     T = batch["mask"].shape[1]
@@ -177,8 +181,10 @@ def test_fused_loss_equals_the_loss_of_full_logits_in_value_and_gradient(model, 
         rows.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None]).squeeze(-1))
     logprobs = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
     Ti = logprobs.shape[1]
-    expected, _ = compute_policy_loss(logprobs, batch["old_logprobs"][idx, :Ti], batch["advantages"][idx],
-                                      batch["mask"][idx, :Ti], cfg.eps_low, cfg.eps_high, mode, normalizer, 3.0)
+    old = batch["old_logprobs"][idx, :Ti]
+    weights = importance_weights(old, batch["vllm_logprobs"][idx, :Ti], 2.0) if tis == "on" else None
+    expected, _ = compute_policy_loss(logprobs, old, batch["advantages"][idx], batch["mask"][idx, :Ti], cfg.eps_low,
+                                      cfg.eps_high, mode, normalizer, 3.0, weights)
     expected.backward()
     torch.testing.assert_close(fused, expected, rtol=0, atol=1e-12)
     assert max(g.abs().max() for g in got) > 1e-3

@@ -72,21 +72,6 @@ def test_usr2_checkpoints_at_the_next_step_and_the_rerun_matches_an_uninterrupte
     assert_resumed_like_straight(tmp_path, straight, out + rerun.stdout)
 
 
-def test_a_multi_process_launch_passes_usr2_to_its_trainers(tiny_model_dir, tmp_path, straight):
-    """Only the launcher is signalled (as `kill -USR2 <pid>` does): it passes the signal
-    on; the trainer checkpoints, the engine process ignores it, all stop, exit 3."""
-    command = [sys.executable, "train_dapo.py", "--nproc_per_node", "2", "--rollout_nodes", "1",
-               *run_flags(tiny_model_dir, tmp_path)]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(tmp_path, 2, proc)
-    proc.send_signal(signal.SIGUSR2)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, err[-3000:]
-    rerun = run(command)
-    assert "1 trainer(s), 1 rollout process(es)" in rerun.stdout
-    assert_resumed_like_straight(tmp_path, straight, out + rerun.stdout)
-
-
 def submit_and_preempt(command, run_dir, preempt) -> str:
     """Submit through Submitit to the local Slurm, preempt the job after step 2, wait for the
     requeued job to finish. Returns the job's logs, every node's."""
