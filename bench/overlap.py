@@ -1,8 +1,8 @@
 """Overlapped rollouts (--max_staleness 1) against the synchronous loop (0), one trainer
 process and one rollout process (one core each on the 2-core machine).
 
-    python bench/overlap.py throughput --rounds 2 --steps 12    # ~8 minutes
-    python bench/overlap.py learning --seeds 0 1 2 --steps 60   # ~35 minutes, writes bench/overlap.png
+    python bench/overlap.py throughput --rounds 2 --steps 12    # 4.5 minutes
+    python bench/overlap.py learning --seeds 0 1 2 --steps 40   # ~30 minutes, writes bench/overlap.png
 
 throughput: the sides alternate in fresh launches (K = 0, K = 1, then again) on a workload
 where generation and update take about the same time; steps 1-2 are not counted. Prints
@@ -116,7 +116,7 @@ if __name__ == "__main__":
     t.add_argument("--steps", type=int, default=12)
     ln = sub.add_parser("learning")
     ln.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ln.add_argument("--steps", type=int, default=60)
+    ln.add_argument("--steps", type=int, default=40)
     ln.add_argument("--val_every", type=int, default=10)
     args = parser.parse_args()
     throughput(args) if args.what == "throughput" else learning(args)

@@ -27,7 +27,7 @@ def greedy_and_logprobs(llm, prompts):
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = resolve(Config(model_path=tiny_model_dir, total_steps=2, prompts_per_step=4, group_size=8,
+    cfg = resolve(Config(model_path=tiny_model_dir, total_steps=2, prompts_per_step=4, group_size=8, temperature=0.7,
                          gen_prompts_per_round=16, mini_batch_size=16, lr=2e-3, warmup_steps=1, val_data="",
                          save_every=100, save_every_min=1e-6, keep_checkpoints=5,  # by time: every step
                          wandb_mode="disabled", run_dir=str(run_dir)))
@@ -45,8 +45,10 @@ def test_two_dapo_steps_log_what_the_paper_monitors(trained):
                     "actor/clipfrac_high", "sampling/filtered_share", "sampling/rounds", "time/rollout",
                     "time/update", "time/sync", "throughput/rollout_tokens_per_s", "throughput/update_tokens_per_s"]:
             assert key in m and m[key] == m[key], key
-        # vLLM samples from the policy the trainer holds: both see the same log-probs
+        # vLLM samples from the policy the trainer holds, and reports the log-probs of the distribution it
+        # samples from (temperature 0.7 applied): both see the same, and the importance weights are 1
         assert m["actor/vllm_logprob_diff"] < 1e-3
+        assert m["tis/weight_mean"] == pytest.approx(1.0, abs=1e-3) and m["tis/truncated_share"] == 0
     assert os.path.exists(os.path.join(trained["cfg"].run_dir, "curves.png"))
     # --save_every_min elapsed after step 1 (--save_every 100 alone would save only the last)
     assert sorted(os.listdir(os.path.join(trained["cfg"].run_dir, "checkpoints"))) == ["step-1", "step-2"]
