@@ -21,6 +21,8 @@ process. The paper's Qwen2.5-32B recipe is `--preset paper`.
 
     python train_dapo.py                                  # the CPU demo (~10 min on 2 cores)
     python train_dapo.py --preset grpo                    # naive GRPO baseline, same budget
+    python train_dapo.py --nproc_per_node 2 --rollout_nodes 1 --max_staleness 1   # the engine generates
+                                                          # the next batch while the trainer learns
     python train_dapo.py --model_path DIR --dtype bfloat16 --gpu_memory_utilization 0.3 \\
         --train_data dapo-math.jsonl --val_data aime24.jsonl        # one GPU: engine beside the trainer
     python train_dapo.py --preset paper --model_path DIR --nproc_per_node 8 --rollout_nodes 1 \\
