@@ -129,6 +129,13 @@ def read_records(path: str) -> list[dict]:
     raise DataError(f"{path}: unknown format (expected .parquet or .jsonl)")
 
 
+def read_nonempty(path: str) -> list[dict]:
+    records = read_records(path)
+    if not records:
+        raise DataError(f"{path}: no rows (an empty file)")
+    return records
+
+
 def require(record, dotted: str, path: str, i: int):
     value = record
     for key in dotted.split("."):
@@ -192,6 +199,17 @@ def check_source(source: str) -> None:
     elif source.endswith((".parquet", ".jsonl")) or source.startswith(("/", "./", "../", "~")):
         if not os.path.exists(os.path.expanduser(source)):
             raise DataError(f"{source}: no such file")
+        if os.path.isfile(source) and not has_rows(source):
+            raise DataError(f"{source}: no rows (an empty file)")
+
+
+def has_rows(path: str) -> bool:
+    """Whether a data file holds a row, read no further than its first (a parquet's footer)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        return pq.ParquetFile(path).metadata.num_rows > 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return any(line.strip() for line in f)
 
 
 def load_dapo_rows(source: str) -> list[dict]:
@@ -204,7 +222,7 @@ def load_dapo_rows(source: str) -> list[dict]:
             raise DataError(f"{source}: unknown split '{split}' (expected train or val)")
         return splits[split]
     rows = [to_dapo_row(r, path, i) for path in resolve_files(source)
-            for i, r in enumerate(read_records(path))]
+            for i, r in enumerate(read_nonempty(path))]
     return dedup(rows)
 
 
@@ -222,9 +240,17 @@ def write_rows(rows: list[dict], path: str) -> None:
     os.replace(tmp, path)
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the flag, not a page of usage first (every
+    command line of the project uses it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=FlagParser)
     syn = sub.add_parser("synthetic", help="write the demo task's train.jsonl and val.jsonl")
     syn.add_argument("--out", default="data")
     syn.add_argument("--num-train", type=int, default=20000)
@@ -234,14 +260,20 @@ def main(argv=None):
     conv.add_argument("source")
     conv.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    if args.cmd == "synthetic":
-        for split, rows in synthetic_splits(args.num_train, args.num_val, args.seed).items():
-            write_rows(rows, os.path.join(args.out, f"{split}.jsonl"))
-            print(f"{split}: {len(rows)} rows -> {os.path.join(args.out, split + '.jsonl')}")
-    else:
-        rows = load_dapo_rows(args.source)
-        write_rows(rows, args.out)
-        print(f"{len(rows)} unique prompts -> {args.out}")
+    try:
+        if args.cmd == "synthetic":
+            for flag in ("num_train", "num_val"):
+                if getattr(args, flag) < 1:
+                    raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+            for split, rows in synthetic_splits(args.num_train, args.num_val, args.seed).items():
+                write_rows(rows, os.path.join(args.out, f"{split}.jsonl"))
+                print(f"{split}: {len(rows)} rows -> {os.path.join(args.out, split + '.jsonl')}")
+        else:
+            rows = load_dapo_rows(args.source)
+            write_rows(rows, args.out)
+            print(f"{len(rows)} unique prompts -> {args.out}")
+    except DataError as e:  # nothing was written: rows are written only once all are read
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ if importlib.util.find_spec("math_verify") is None:  # imported where used (it p
     raise ImportError("reward.py needs math-verify (pip install math-verify==0.9.0): without it every answer "
                       "that is not a plain number would score -1")
 
-MAX_ANSWER_CHARS = 200     # an extracted answer longer than this is not an answer
-VERIFY_TIMEOUT_S = 2       # math-verify's budget per stage (signal-based, main thread): a call of
-                           # compute_score takes at most three stages (parse gold, parse answer, verify)
+MAX_ANSWER_CHARS = 5000    # the tail of the answer line that is read: math-verify takes the last
+                           # answer in it, and a bounded input keeps its regexes and parsers bounded
+VERIFY_TIMEOUT_S = 2       # math-verify's budget per stage (signal-based, main thread)
+VERIFY_STAGES = 5          # a call of compute_score takes at most this many: parse the gold and the
+                           # answer, each in up to two readings (readings()), then verify
 
 # Case-insensitive like DAPO's public checker; `[^\n]*` is linear, so no regex blow-up.
 _ANSWER_LINE = re.compile(r"(?i)answer\s*:[ \t]*([^\n]*)")
@@ -26,15 +28,17 @@ _TEXT = re.compile(r"\\(?:text|mathrm|textbf|mathbf)\s*\{([^{}]*)\}")
 _FRAC = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$")
 _NUMBER = re.compile(r"^-?(\d+(\.\d*)?|\.\d+)(/\d+)?$")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d*)?$")  # 1,000 and 12,345.5; not 1,2 (a pair)
+_DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed|\\fbox")  # math already marked as math ($, \(, \[, \boxed)
+_COMMA_NUMBER = re.compile(r"^-?\d+(,\d+)+(\.\d+)?$")      # 1,22: a decimal comma, or the pair 1, 22
+_TOWER = re.compile(r"\^\s*(\{[^{}]*|[\w.]+\s*)\^")      # an exponent with an exponent: 9^{9^{9}}, not (3^5)^6
 
 
 def extract_answer(response: str) -> str | None:
-    """The text after the last `Answer:` in the response, or None if there is none."""
+    """The text after the last `Answer:` in the response, or None if there is none; of a
+    line longer than MAX_ANSWER_CHARS only the tail (math-verify reads the last answer in it)."""
     matches = _ANSWER_LINE.findall(response)
-    if not matches:
-        return None
-    answer = matches[-1].strip()
-    return answer[:MAX_ANSWER_CHARS + 1] if answer else None
+    answer = matches[-1].strip()[-MAX_ANSWER_CHARS:] if matches else ""
+    return answer or None
 
 
 def normalize(answer: str) -> str:
@@ -54,9 +58,10 @@ def normalize(answer: str) -> str:
 def as_number(s: str) -> Fraction | None:
     """An exact rational for integers (thousands separated or not), decimals, a/b and
     \\frac{a}{b}; None for anything else."""
-    s = s.replace("\\!", "").replace("{,}", ",").replace(" ", "")
-    if _THOUSANDS.match(s):
+    s = s.replace("\\!", "").replace("{,}", ",")
+    if _THOUSANDS.match(s):  # before spaces go: "32, 349" is a pair
         s = s.replace(",", "")
+    s = s.replace(" ", "")
     frac = _FRAC.match(s)
     if frac:
         sign, num, den = frac.groups()
@@ -69,13 +74,23 @@ def as_number(s: str) -> Fraction | None:
         return None
 
 
+def readings(text: str) -> list[str]:
+    """What math-verify is handed for one side: text that marks its own math ($...$,
+    \\boxed{}), prose around it included, as written (math-verify extracts the last answer);
+    bare LaTeX wrapped as $text$; a number with a comma both ways (1,22: 1.22 or a pair)."""
+    if _DELIMITED.search(text):
+        return [text]
+    return [text, f"${text}$"] if _COMMA_NUMBER.match(text.replace(" ", "")) else [f"${text}$"]
+
+
 def math_verify_equal(pred: str, truth: str) -> bool:
-    """Symbolic equivalence by math-verify, for what the exact paths cannot decide."""
+    """Symbolic equivalence by math-verify (any reading of the answer against any of the
+    gold), for what the exact paths cannot decide."""
     from math_verify import parse, verify  # imported lazily: it pulls sympy
 
     try:
-        gold = parse(f"${truth}$", parsing_timeout=VERIFY_TIMEOUT_S)
-        guess = parse(f"${pred}$", parsing_timeout=VERIFY_TIMEOUT_S)
+        gold = [x for t in readings(truth) for x in parse(t, parsing_timeout=VERIFY_TIMEOUT_S)]
+        guess = [x for t in readings(pred) for x in parse(t, parsing_timeout=VERIFY_TIMEOUT_S)]
         return bool(gold and guess and verify(gold, guess, timeout_seconds=VERIFY_TIMEOUT_S))
     except Exception:  # sympy can raise anything, RecursionError and timeouts included.
         return False
@@ -84,16 +99,17 @@ def math_verify_equal(pred: str, truth: str) -> bool:
 def is_equivalent(pred: str, truth: str) -> bool:
     """Exact where that settles it (the same text, equal rationals, two different integers:
     AIME's whole set, without sympy); math-verify on the answers as written otherwise, so
-    that tuples, sets and intervals keep their structure and a long decimal may match."""
+    that tuples, sets and intervals keep their structure, prose around a $...$ answer is
+    read as math-verify reads it, and a long decimal may match."""
     a, b = normalize(pred), normalize(truth)
     if a == b:
         return True
     x, y = as_number(a), as_number(b)
     if x is not None and y is not None and (x == y or x.denominator == y.denominator == 1):
         return x == y
-    if not a or len(a) > MAX_ANSWER_CHARS or a.count("^") > 2:
-        return False  # towers of exponents are where sympy hangs; no ground truth looks like one.
-    return math_verify_equal(a, b)
+    if not a or _TOWER.search(pred):
+        return False  # towers of exponents are where sympy hangs (in C, past any timeout)
+    return math_verify_equal(pred.strip(), truth.strip())
 
 
 def compute_score(response: str, ground_truth: str) -> dict:

@@ -53,7 +53,8 @@ import numpy as np
 import torch
 
 import data_prep
-from eval.evaluate import FlagParser, generate_and_score, make_engine, prompt_token_ids, submit_job
+from data_prep import FlagParser
+from eval.evaluate import generate_and_score, make_engine, prompt_token_ids, submit_job
 from reward import compute_score, overlong_penalty
 
 
@@ -289,6 +290,7 @@ def resolve(cfg: Config, check_model: bool = True) -> Config:
     for flag, choices in CHOICES.items():
         need(getattr(cfg, flag) in choices, flag, "expected one of " + ", ".join(map(repr, choices)))
     need(cfg.wandb_project != "", "wandb_project", "cannot be empty")
+    need(not os.path.exists(cfg.run_dir) or os.path.isdir(cfg.run_dir), "run_dir", "is a file, not a directory")
     need(cfg.slurm_signal_lead_s < min(65536, cfg.slurm_time_min * 60), "slurm_signal_lead_s",
          "must be shorter than --slurm_time_min and than Slurm's limit of 65535 s")
     need(re.fullmatch(r"(\d+[KMGT]?)?", cfg.slurm_mem) is not None, "slurm_mem", "Slurm's --mem: a number, e.g. 500G")
@@ -348,6 +350,9 @@ def model_context(cfg: Config) -> int:
     try:
         return AutoConfig.from_pretrained(path).max_position_embeddings
     except (OSError, ValueError) as e:
+        if os.path.isdir(path):
+            raise ValueError(f"--model_path {path}: its config.json is not one transformers can read: "
+                             f"{str(e).splitlines()[0]}") from None
         offline = " (HF_HUB_OFFLINE is set: only models already downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise ValueError(f"--model_path {path}: not a directory here, and its config could not be had from the "
                          f"hub{offline}: {str(e).splitlines()[0]}") from None
@@ -1342,10 +1347,15 @@ def tis_sums(cfg: Config, old, vllm_logprobs, mask) -> tuple[float, float]:
 
 # =============================================================================== Validation
 
+def validation(cfg: Config, llm, tokenizer, val_rows: list[dict]) -> dict:
+    """eval's generate_and_score on the live engine with the run's validation settings: the
+    summary and each sample's outcome, as eval/evaluate.py reports them."""
+    return generate_and_score(llm, tokenizer, val_rows, cfg.val_samples, cfg.val_temperature,
+                              cfg.val_top_p, cfg.max_response_len, seed=cfg.seed + 7)
+
+
 def validate(cfg: Config, llm, tokenizer, val_rows: list[dict]) -> dict:
-    result = generate_and_score(llm, tokenizer, val_rows, cfg.val_samples, cfg.val_temperature,
-                                cfg.val_top_p, cfg.max_response_len, seed=cfg.seed + 7)
-    s = result["summary"]
+    s = validation(cfg, llm, tokenizer, val_rows)["summary"]
     return {"val/acc": s[f"avg@{cfg.val_samples}"], f"val/pass@{cfg.val_samples}": s["pass@k"][cfg.val_samples],
             "val/response_length": s["response_length"]["mean"], "val/truncated_share": s["truncated_share"]}
 

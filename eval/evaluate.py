@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 import reward
+from data_prep import FlagParser
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -143,8 +144,16 @@ def context_length(rows: list[dict], tokenizer, max_tokens: int, limit: int) -> 
 def fitting_context(args, rows: list[dict]) -> int:
     """context_length for the model and flags of this evaluation."""
     from transformers import AutoConfig, AutoTokenizer
-    limit = args.max_model_len or AutoConfig.from_pretrained(args.model).max_position_embeddings
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"--model {args.model}: no model config could be read: {str(e).splitlines()[0]}") from None
+    limit = args.max_model_len or config.max_position_embeddings
     return context_length(rows, AutoTokenizer.from_pretrained(args.model), args.max_tokens, limit)
+
+
+class ModelError(ValueError):
+    """--model names something that is not a model transformers can read."""
 
 
 def gpus_here() -> int:
@@ -178,13 +187,6 @@ def submit(args) -> dict:
                               slurm_partition=args.partition or None, slurm_account=args.account or None)
     print(f"job {job.job_id} done: avg@{args.n} {summary[f'avg@{args.n}']:.4f}")
     return summary
-
-
-class FlagParser(argparse.ArgumentParser):
-    """argparse whose errors are one line naming the flag, not a page of usage first."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def check_flags(parser, args) -> None:
@@ -242,6 +244,8 @@ def main(argv=None):
         fitting_context(args, data_prep.load_rows(args.data))
     except data_prep.DataError as e:
         parser.error(f"--data: {e}")
+    except ModelError as e:
+        parser.error(str(e))
     except ValueError as e:
         parser.error(f"--data {args.data}: {e}")
     args.out = args.out or os.path.join("eval_results", f"{os.path.basename(args.model.rstrip('/'))}-"

@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train_dapo as T  # noqa: E402
+from data_prep import FlagParser  # noqa: E402
 from slurm.memory_budget import model_shape, trainer_budget  # noqa: E402
 
 ROWS = []  # (check, status, detail)
@@ -279,10 +280,12 @@ def run_checks(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=24, help="decoder blocks (Qwen2.5-0.5B: 24)")
     parser.add_argument("--out", default="", help="work directory (default: a fresh temporary one)")
     args = parser.parse_args()
+    if args.layers < 1:
+        parser.error(f"--layers {args.layers}: must be at least 1")
     if not torch.cuda.is_available():
         print("gpu_smoke: needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False); "
               "nothing was checked. Run it on a GPU node.", file=sys.stderr)

@@ -31,6 +31,8 @@ KNOWN_SHAPES = {  # config.json fields of hub models, for machines that have not
     "Qwen/Qwen2.5-0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
 }
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size")
 GB = 1e9  # decimal, as the tables print
 
 
@@ -38,7 +40,12 @@ def model_shape(model_path: str) -> dict:
     config = os.path.join(model_path, "config.json")
     if os.path.exists(config):
         with open(config) as f:
-            return json.load(f)
+            shape = json.load(f)
+        missing = [k for k in SHAPE_FIELDS if k not in shape]
+        if missing:
+            raise SystemExit(f"--model_path {model_path!r}: its config.json has no {', '.join(missing)}: "
+                             "not a decoder model's shape")
+        return shape
     if model_path in KNOWN_SHAPES:
         return KNOWN_SHAPES[model_path]
     raise SystemExit(f"--model_path {model_path!r}: no config.json there and not one of {sorted(KNOWN_SHAPES)}")

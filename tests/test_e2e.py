@@ -28,7 +28,7 @@ def greedy_and_logprobs(llm, prompts):
 def trained(tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     cfg = resolve(Config(model_path=tiny_model_dir, total_steps=2, prompts_per_step=4, group_size=8, temperature=0.7,
-                         gen_prompts_per_round=16, mini_batch_size=16, lr=2e-3, warmup_steps=1, val_data="",
+                         gen_prompts_per_round=16, mini_batch_size=16, lr=5e-4, warmup_steps=1, val_data="",
                          save_every=100, save_every_min=1e-6, keep_checkpoints=5,  # by time: every step
                          wandb_mode="disabled", run_dir=str(run_dir)))
     return train(cfg)
@@ -58,25 +58,46 @@ def test_two_dapo_steps_log_what_the_paper_monitors(trained):
     assert run["config"]["total_steps"] == 2
 
 
-def test_the_trainers_validation_and_eval_give_the_same_number(trained, tmp_path):
+def outcomes(per_problem: list[dict]) -> list[tuple]:
+    return [(p["id"], p["acc"], p["preds"], p["lengths"], p["truncated"]) for p in per_problem]
+
+
+def test_the_trainers_validation_and_eval_give_the_same_outcome_for_every_sample(trained, tmp_path):
     """Same checkpoint, problems, samples and seed: the trainer's validation (its live,
     synced engine) and eval/evaluate.py (a fresh engine from final/, in a process of its
-    own) report the same avg@4. Before any other engine is made in this process: dropping
-    one tears down vLLM's groups under the live engine."""
+    own) give every sample the same answer and score, whatever the model's skill: the
+    gold answers are rewritten so that right and wrong both occur by construction (half
+    the problems take a sampled answer as gold, the other half a gold the tiny model
+    cannot write). Before any other engine is made in this process: dropping one tears
+    down vLLM's groups under the live engine."""
     import dataclasses
 
-    from train_dapo import load_prompts, validate
+    from train_dapo import load_prompts, validate, validation
     cfg = dataclasses.replace(trained["cfg"], val_samples=4, val_temperature=1.0, val_top_p=1.0)
-    data_prep.write_rows(data_prep.load_dapo_rows("synthetic:val")[:40], str(tmp_path / "val.jsonl"))
-    live = validate(cfg, trained["llm"], trained["tokenizer"],
-                    load_prompts(str(tmp_path / "val.jsonl"), trained["tokenizer"], cfg.max_prompt_len))
+    rows = data_prep.load_dapo_rows("synthetic:val")[:40]
+    data_prep.write_rows(rows, str(tmp_path / "val.jsonl"))
+    first = validation(cfg, trained["llm"], trained["tokenizer"],
+                       load_prompts(str(tmp_path / "val.jsonl"), trained["tokenizer"], cfg.max_prompt_len))
+    answered = [next((p for p in problem["preds"] if p is not None), None) for problem in first["per_problem"]]
+    assert any(answered[::2]), "the model wrote no Answer: line at all: nothing to build a right answer from"
+    for i, row in enumerate(rows):  # (the tiny model's vocabulary has no backslash)
+        row["reward_model"]["ground_truth"] = answered[i] if i % 2 == 0 and answered[i] else "\\pi"
+    data_prep.write_rows(rows, str(tmp_path / "val.jsonl"))
+    val_rows = load_prompts(str(tmp_path / "val.jsonl"), trained["tokenizer"], cfg.max_prompt_len)
+    live, metrics = validation(cfg, trained["llm"], trained["tokenizer"], val_rows), \
+        validate(cfg, trained["llm"], trained["tokenizer"], val_rows)
     proc = subprocess.run([sys.executable, "-m", "eval.evaluate", "--model", os.path.join(cfg.run_dir, "final"),
                            "--data", str(tmp_path / "val.jsonl"), "--n", "4", "--temperature", "1.0", "--top-p", "1.0",
                            "--max-tokens", str(cfg.max_response_len), "--seed", str(cfg.seed + 7), "--dtype", "float32",
                            "--out", str(tmp_path / "report")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    offline = json.loads((tmp_path / "report" / "result.json").read_text())["summary"]
-    assert 0 < live["val/acc"] < 1 and live["val/acc"] == offline["avg@4"]
+    offline = json.loads((tmp_path / "report" / "result.json").read_text())
+    right = sum(map(sum, (p["acc"] for p in live["per_problem"])))
+    assert 0 < right < 160  # both outcomes, by construction
+    assert [p["preds"] for p in live["per_problem"]] == [p["preds"] for p in first["per_problem"]]  # golds move no sample
+    assert outcomes(live["per_problem"]) == outcomes(offline["per_problem"])
+    assert metrics["val/acc"] == offline["summary"]["avg@4"] == right / 160
+
 
 def test_synced_engine_equals_a_fresh_engine_from_the_saved_weights(trained, tiny_model_dir):
     tokenizer = trained["tokenizer"]

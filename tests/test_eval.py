@@ -43,8 +43,9 @@ def run_eval(*args):
 
 def test_evaluate_the_tiny_model_end_to_end(tiny_model_dir, tmp_path):
     data = tmp_path / "val.jsonl"
-    data.write_text("\n".join(json.dumps({"id": i, "problem": f"What is {10 + i}+{20 + i}?", "answer": str(30 + 2 * i)})
-                              for i in range(12)))
+    # odd problems: a gold the tiny model cannot write (no backslash in its vocabulary), wrong by construction
+    data.write_text("\n".join(json.dumps({"id": i, "problem": f"What is {10 + i}+{20 + i}?",
+                                          "answer": str(30 + 2 * i) if i % 2 == 0 else "\\pi"}) for i in range(12)))
     out = tmp_path / "report"
     proc = run_eval("--model", tiny_model_dir, "--data", str(data), "--n", "4", "--max-tokens", "32",
                     "--top-p", "1.0", "--out", str(out))
@@ -53,10 +54,12 @@ def test_evaluate_the_tiny_model_end_to_end(tiny_model_dir, tmp_path):
     per_problem = result["per_problem"]
     assert len(per_problem) == 12 and all(len(p["acc"]) == 4 for p in per_problem)
     assert result["summary"]["avg@4"] == pytest.approx(sum(map(sum, (p["acc"] for p in per_problem))) / 48)
-    # each sample against its known answer, checked here as integers: right and wrong both occur
-    truth = [[p["preds"][k] is not None and p["preds"][k].strip().lstrip("-").isdigit()
+    # each sample against its known answer, checked here as integers (how many are right depends on
+    # the model, so on the CPU that trained it: test_e2e compares eval with the trainer's validation
+    # on golds where right and wrong both occur by construction)
+    truth = [[p["preds"][k] is not None and p["preds"][k].strip().lstrip("-").isdigit() and p["answer"] != "\\pi"
               and int(p["preds"][k]) == int(p["answer"]) for k in range(4)] for p in per_problem]
-    assert [p["acc"] for p in per_problem] == truth and 0 < sum(map(sum, truth)) < 48
+    assert [p["acc"] for p in per_problem] == truth
     assert result["summary"]["response_length"]["mean"] > 5   # it writes working, not nothing
     assert (out / "pass_at_k.png").stat().st_size > 1000
     assert len((out / "per_problem.tsv").read_text().splitlines()) == 13

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_dapo
-from distributed_worker import tiny_policy, update_gradient
+from distributed_worker import tiny_policy, update_batch, update_gradient
 from test_distributed import torchrun
 from train_dapo import assign_gpus, parse_config, process_roles
 
@@ -125,6 +125,38 @@ def test_bf16_compute_over_fp32_masters_on_two_trainers_and_on_one(tmp_path, ref
     for grads in (two, one):
         error = relative_error(grads, reference_gradient)
         assert 1e-4 < error < 0.1, error  # bf16 really computed, and to its accuracy
+
+
+def test_the_first_update_moves_each_weight_by_what_adamw_and_the_lr_predict():
+    """One update a step on FSDP2's group of one, as the one-process run takes it (learn():
+    pi_old from the update's own pass, the schedule, the gradient clip): AdamW's first step
+    is lr x g / (|g| + eps) plus the decay, so every weight with a gradient moves by lr,
+    whatever the loss's scale. The unsharded fp32 gradient predicts each weight's change."""
+    lr, wd, clip = 2e-3, 0.1, 1.0
+    reference = update_gradient(tiny_policy(), reuse=True)           # no FSDP, no clip
+    scale = min(1.0, clip / (float(torch.cat([g.flatten() for g in reference.values()]).norm()) + 1e-6))
+    train_dapo.join_alone()
+    policy = tiny_policy()
+    train_dapo.shard_policy(policy, torch.float32)
+    before = {k: v.full_tensor().double().clone() for k, v in policy.state_dict().items()}
+    cfg = train_dapo.resolve(train_dapo.Config(
+        mini_batch_size=12, prompts_per_step=3, group_size=4, micro_batch_tokens=40, max_prompt_len=12,
+        max_response_len=16, overlong_cache_len=4, lr=lr, warmup_steps=1, weight_decay=wd, grad_clip=clip,
+        run_dir="unused"))
+    optimizer, scheduler = train_dapo.make_optimizer(cfg, policy)
+    metrics = train_dapo.learn(cfg, policy, optimizer, scheduler, update_batch(), torch.Generator().manual_seed(0))
+    assert metrics["actor/updates"] == 1 and metrics["actor/lr"] == lr
+    moved, steps = [], []
+    for name, value in policy.state_dict().items():
+        g = reference[name] * scale
+        step = value.full_tensor().double() - before[name] * (1 - lr * wd)  # the Adam part of the change
+        predicted = -lr * g / (g.abs() + 1e-8)
+        sure = g.abs() > 1e-6                                         # a sign float noise cannot flip
+        torch.testing.assert_close(step[sure], predicted[sure], rtol=0, atol=0.02 * lr)
+        assert step.abs().max() <= lr * 1.0001, name                  # no weight moves more than lr
+        moved.append(step[sure].abs())
+    moved = torch.cat(moved)
+    assert len(moved) > 10_000 and float(moved.median()) == pytest.approx(lr, rel=1e-3)
 
 
 def test_the_gpu_smoke_test_refuses_to_run_without_a_gpu():

@@ -94,3 +94,46 @@ def test_a_bad_row_in_a_multi_process_run_is_one_line_from_trainer_0(tiny_model_
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(errors) == 1 and f"{data}: row 1: missing field 'answer'" in errors[0], errors
+
+
+def bad_inputs(tmp_path):
+    """Files a user gets wrong: an existing file, an empty data file, a csv, a directory whose
+    config.json is no model's."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "problems.csv").write_text("problem,answer\n")
+    (tmp_path / "no_type").mkdir()
+    (tmp_path / "no_type" / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    return tmp_path
+
+
+# (command after `python`, what the one line must name); {d}: the bad inputs' folder, {m}: the tiny model
+README_COMMANDS = [
+    ("train_dapo.py --model_path {m} --run_dir {d}/a_file", "--run_dir '{d}/a_file': is a file, not a directory"),
+    ("train_dapo.py --model_path {m} --train_data {d}/empty.jsonl --run_dir {d}/out",
+     "--train_data: {d}/empty.jsonl: no rows"),
+    ("train_dapo.py --model_path {d}/no_type --run_dir {d}/out",
+     "--model_path {d}/no_type: its config.json is not one transformers can read"),
+    ("data_prep.py convert {d}/missing.jsonl --out {d}/out", "{d}/missing.jsonl: no such file"),
+    ("data_prep.py convert {d}/problems.csv --out {d}/out", "{d}/problems.csv: unknown format"),
+    ("data_prep.py convert {d}/empty.jsonl --out {d}/out", "{d}/empty.jsonl: no rows"),
+    ("data_prep.py synthetic --num-val 0 --out {d}/out", "--num-val 0: must be at least 1"),
+    ("-m eval.evaluate --model {m} --data {d}/empty.jsonl --out {d}/out", "--data: {d}/empty.jsonl: no rows"),
+    ("-m eval.evaluate --model {d}/no_type --data synthetic:val --out {d}/out",
+     "--model {d}/no_type: no model config could be read"),
+    ("slurm/memory_budget.py --model_path {d}/no_type", "--model_path '{d}/no_type': its config.json has no hidden_size"),
+    ("scripts/gpu_smoke.py --layers 0 --out {d}/out", "--layers 0: must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("command, culprit", README_COMMANDS, ids=[c.split(" --")[0] + f"-{i}"
+                                                                 for i, (c, _) in enumerate(README_COMMANDS)])
+def test_every_readme_command_names_bad_input_in_one_line(command, culprit, tiny_model_dir, tmp_path):
+    d = bad_inputs(tmp_path)
+    argv = command.format(d=d, m=tiny_model_dir).split()
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"PYTHONPATH": ROOT})
+    err = proc.stderr.strip()
+    assert proc.returncode != 0 and len(err.splitlines()) == 1, err[-3000:]
+    assert culprit.format(d=d) in err, err
+    assert not (d / "out").exists()  # nothing written, nothing started
