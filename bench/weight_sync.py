@@ -49,7 +49,7 @@ def worker(model_dir: str) -> None:
     policy = None
     size = torch.zeros(1, dtype=torch.long)
     if cluster.rank == 0:
-        policy, _ = train_dapo.build_or_load_policy(cfg, model_dir)
+        policy = train_dapo.build_or_load_policy(cfg, model_dir)
         size[0] = sum(p.numel() for p in policy.parameters())
     cluster.control.broadcast(size, 0).wait()
     flat = torch.zeros(int(size), dtype=torch.float32)

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+import data_prep
 import reward
 from data_prep import FlagParser
 
@@ -163,7 +164,6 @@ def gpus_here() -> int:
 
 def evaluate(args) -> dict:
     """Load the model into vLLM, evaluate, write the report; the summary back."""
-    import data_prep
     rows = data_prep.load_rows(args.data)
     llm, tokenizer = make_engine(args.model, fitting_context(args, rows), args.dtype, args.seed,
                                          args.tensor_parallel_size or gpus_here())
@@ -205,7 +205,7 @@ def check_flags(parser, args) -> None:
         parser.error("--submit needs --gpus N: the GPUs of the job's node (0 for a CPU-only job)")
     if os.path.exists(args.model) and not os.path.isdir(args.model):
         parser.error(f"--model {args.model}: not a directory")
-    if not os.path.exists(args.model) and args.model.startswith(("/", "./", "../", "~")):
+    if not os.path.exists(args.model) and data_prep.looks_local(args.model):
         parser.error(f"--model {args.model}: no such directory")
     if os.path.isdir(args.model) and not os.path.exists(os.path.join(args.model, "config.json")):
         parser.error(f"--model {args.model}: not a model directory (no config.json)")
@@ -239,7 +239,6 @@ def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
     check_flags(parser, args)
-    import data_prep
     try:  # fail here, before an engine starts or a job is queued
         fitting_context(args, data_prep.load_rows(args.data))
     except data_prep.DataError as e:

@@ -29,6 +29,7 @@ import time
 import traceback
 
 import torch
+from transformers import AutoTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -115,7 +116,7 @@ def learn_once(cfg: T.Config, batch: dict, again: bool = False) -> tuple[dict, d
     """A fresh policy learns from `batch` once: metrics, and a few full weights before and
     after. again: then once more, warm (Triton compiles Liger's kernels on first use), and
     that pass's timings replace the first's."""
-    policy, _ = T.build_or_load_policy(cfg, cfg.model_path)
+    policy = T.build_or_load_policy(cfg, cfg.model_path)
     optimizer, scheduler = T.make_optimizer(cfg, policy)
     before = some_weights(policy)
     metrics = T.learn(cfg, policy, optimizer, scheduler, dict(batch), torch.Generator().manual_seed(0))
@@ -136,7 +137,7 @@ def run_checks(args) -> None:
 
     @check("policy: FSDP2 on a group of one, fp32 master weights, bf16 compute, Liger kernels")
     def policy_precision():
-        policy, _ = T.build_or_load_policy(cfg, path)
+        policy = T.build_or_load_policy(cfg, path)
         p = next(policy.parameters())
         seen = {}
 
@@ -171,7 +172,7 @@ def run_checks(args) -> None:
         one = smoke_config(path, cfg.run_dir, mini_batch_size=len(batch["mask"]))
         reused, w_initial, w_reused = learn_once(one, batch)
         separate = dict(batch)
-        policy, _ = T.build_or_load_policy(one, path)
+        policy = T.build_or_load_policy(one, path)
         T.compute_old_logprobs(one, policy, separate)
         del policy
         passed, _, w_passed = learn_once(one, separate)
@@ -198,12 +199,12 @@ def run_checks(args) -> None:
     @check("checkpoint: DCP save and load on the GPU, then the HF export")
     def checkpoint():
         cfg = smoke_config(path, os.path.join(work, "checkpointed"))
-        policy, tokenizer = T.build_or_load_policy(cfg, path)
+        policy, tokenizer = T.build_or_load_policy(cfg, path), AutoTokenizer.from_pretrained(path)
         optimizer, scheduler = T.make_optimizer(cfg, policy)
         T.learn(cfg, policy, optimizer, scheduler, dict(batch), torch.Generator().manual_seed(0))
         sampler, generator = T.PromptSampler([{}] * 4, 0), torch.Generator().manual_seed(0)
         saved = T.save_checkpoint(cfg, 1, policy, optimizer, scheduler, sampler, generator)
-        again, _ = T.build_or_load_policy(cfg, path)
+        again = T.build_or_load_policy(cfg, path)
         optimizer2, scheduler2 = T.make_optimizer(cfg, again)
         T.load_checkpoint(cfg, saved, again, optimizer2, scheduler2, sampler, generator)
         gap = max(float((a.full_tensor() - b.full_tensor()).detach().abs().max())
@@ -213,8 +214,8 @@ def run_checks(args) -> None:
 
     @check("log-probs: packed flash-attention = padded sdpa (bf16)", needs=("flash_attn",))
     def packed():
-        flash, _ = T.build_or_load_policy(cfg, path)
-        sdpa, _ = T.build_or_load_policy(cfg, path)
+        flash = T.build_or_load_policy(cfg, path)
+        sdpa = T.build_or_load_policy(cfg, path)
         sdpa.lm.config._attn_implementation = "sdpa"
         idx = list(range(8))
         with torch.no_grad():

@@ -13,6 +13,7 @@ import os
 import sys
 
 import torch
+from transformers import AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -130,7 +131,7 @@ def check_sync(out: str, model: str) -> None:
     cluster = train_dapo.join_cluster(cfg)
     if cluster.roles[cluster.rank] == "rollout":
         return train_dapo.serve_rollouts(cfg, cluster)
-    policy, tokenizer = train_dapo.build_or_load_policy(cfg, model)
+    policy, tokenizer = train_dapo.build_or_load_policy(cfg, model), AutoTokenizer.from_pretrained(model)
     loaded_like_the_file(policy, model)
     with torch.no_grad():  # weights no engine has seen: each rank moves its own shards
         for p in policy.parameters():

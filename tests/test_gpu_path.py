@@ -146,7 +146,7 @@ def test_the_first_update_moves_each_weight_by_what_adamw_and_the_lr_predict():
     optimizer, scheduler = train_dapo.make_optimizer(cfg, policy)
     metrics = train_dapo.learn(cfg, policy, optimizer, scheduler, update_batch(), torch.Generator().manual_seed(0))
     assert metrics["actor/updates"] == 1 and metrics["actor/lr"] == lr
-    moved, steps = [], []
+    moved = []
     for name, value in policy.state_dict().items():
         g = reference[name] * scale
         step = value.full_tensor().double() - before[name] * (1 - lr * wd)  # the Adam part of the change
