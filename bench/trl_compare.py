@@ -89,9 +89,9 @@ def run_ours(args, model_dir: str, data: str) -> list[dict]:
         prompt_tokens.append(sum(len(r["prompt_ids"]) for r in out[0]) * cfg.group_size)
         return out
     T.collect_batch = counting_collect
-    rollouts = T.Rollouts(cfg, llm, sampler)
+    driver = T.Driver(llm, T.Rollouts(cfg, llm, sampler), val_rows=[])
     for step in range(1, args.steps + 1):
-        m = T.train_step(cfg, step, llm, policy, optimizer, scheduler, rollouts, generator)
+        m = T.train_step(cfg, step, driver, policy, optimizer, scheduler, generator)
         tokens = round(m["response/length_mean"] * args.prompts * 16)  # every group kept: no dynamic sampling
         steps.append({"step": m["time/step"], "rollout": m["time/rollout"], "valid_tokens": tokens,
                       "update": m["time/old_logprobs"] + m["time/update"],  # both passes an update needs

@@ -131,8 +131,8 @@ def test_the_32b_launch_script_asks_for_the_papers_layout(tmp_path):
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 131072}))
     data = [tmp_path / "train.jsonl", tmp_path / "aime.jsonl"]
-    for path in data:
-        path.write_text("")
+    for path in data:  # one row each: an empty data file is refused
+        path.write_text(json.dumps({"problem": "What is 1+1?", "answer": "2"}) + "\n")
     argv = run(["bash", "slurm/qwen2.5-32b.sh", "--slurm_partition", "gpu", "--train_data", str(data[0]),
                 "--val_data", str(data[1])], env=os.environ | {"PYTHON": str(echo), "MODEL": str(model)}).stdout.splitlines()
     assert argv[0] == "train_dapo.py"
