@@ -212,7 +212,10 @@ def has_rows(path: str) -> bool:
     """Whether a data file holds a row, read no further than its first (a parquet's footer)."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
-        return pq.ParquetFile(path).metadata.num_rows > 0
+        try:
+            return pq.ParquetFile(path).metadata.num_rows > 0
+        except Exception as e:  # pyarrow's errors for a file that is not parquet
+            raise DataError(f"{path}: not a parquet file ({e})") from None
     with open(path, encoding="utf-8", errors="replace") as f:
         return any(line.strip() for line in f)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU demo: installs what is missing, builds the tiny base model once (~3 minutes),
-# then trains it with DAPO for about 9 minutes. Extra arguments go to train_dapo.py.
+# then trains it with DAPO for about 10 minutes. Extra arguments go to train_dapo.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

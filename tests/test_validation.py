@@ -102,6 +102,7 @@ def bad_inputs(tmp_path):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "problems.csv").write_text("problem,answer\n")
+    (tmp_path / "not.parquet").write_text("problem,answer\n")
     (tmp_path / "no_type").mkdir()
     (tmp_path / "no_type" / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
     return tmp_path
@@ -112,6 +113,8 @@ README_COMMANDS = [
     ("train_dapo.py --model_path {m} --run_dir {d}/a_file", "--run_dir '{d}/a_file': is a file, not a directory"),
     ("train_dapo.py --model_path {m} --train_data {d}/empty.jsonl --run_dir {d}/out",
      "--train_data: {d}/empty.jsonl: no rows"),
+    ("train_dapo.py --model_path {m} --val_data {d}/not.parquet --run_dir {d}/out",
+     "--val_data: {d}/not.parquet: not a parquet file"),
     ("train_dapo.py --model_path {d}/no_type --run_dir {d}/out",
      "--model_path {d}/no_type: its config.json is not one transformers can read"),
     ("data_prep.py convert {d}/missing.jsonl --out {d}/out", "{d}/missing.jsonl: no such file"),
