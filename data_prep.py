@@ -2,7 +2,8 @@
 
 Reads DAPO-Math-17k (hub name or a local parquet/jsonl in the published schema),
 AIME 2024 in DAPO's parquet form (30 problems x 32 copies) or as plain jsonl with
-`problem`/`answer`, and makes the synthetic arithmetic task of the CPU demo.
+`problem`/`answer`, and makes the synthetic tasks: the CPU demo's arithmetic
+(`synthetic:`) and chains of additions whose worked answers vary in length (`chain:`).
 Everything is deduplicated by prompt. Everything written is jsonl in the
 DAPO-Math-17k schema:
 
@@ -11,6 +12,7 @@ DAPO-Math-17k schema:
      "extra_info": {"index": ...}}
 
     python data_prep.py synthetic --out data/            # train.jsonl + val.jsonl
+    python data_prep.py synthetic --task chain --out data/chain/
     python data_prep.py convert BytedTsinghua-SIA/DAPO-Math-17k --out data/dapo-math.jsonl
     python data_prep.py convert aime24.parquet --out data/aime24.jsonl
 """
@@ -65,24 +67,48 @@ def synthetic_problem(rng: random.Random) -> tuple[str, str, list[str], int]:
     return problem, tokens[0], steps, num_ops
 
 
-def synthetic_rows(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
-    """n distinct problems (none in `exclude`), rows in the DAPO schema; the worked
+# "What is 23+41-17+9?" -> "23+41=64\n64-17=47\n47+9=56\nAnswer: 56": 1 to CHAIN_MAX_OPS
+# additions and subtractions of two-digit numbers, left to right, a written step a line (about
+# 11 tokens each). The worked answer takes 9 to 100 tokens; a long chain is hard to get right
+# without writing it out, so length varies, and matters.
+CHAIN_MAX_OPS = 8
+
+
+def chain_problem(rng: random.Random) -> tuple[str, str, list[str], int]:
+    """(problem, answer, working steps, difficulty: the number of operations)."""
+    num_ops = rng.randint(1, CHAIN_MAX_OPS)
+    terms = [rng.randint(10, 99) for _ in range(num_ops + 1)]
+    ops = [rng.choice("+-") for _ in range(num_ops)]
+    steps, value = [], terms[0]
+    for op, term in zip(ops, terms[1:]):
+        result = value + term if op == "+" else value - term
+        steps.append(f"{value}{op}{term}={result}")
+        value = result
+    problem = f"What is {terms[0]}" + "".join(f"{op}{term}" for op, term in zip(ops, terms[1:])) + "?"
+    return problem, str(value), steps, num_ops
+
+
+TASKS = {"synthetic": (synthetic_problem, "synthetic-arith"), "chain": (chain_problem, "synthetic-chain")}
+
+
+def synthetic_rows(n: int, seed: int, exclude: set[str] = frozenset(), task: str = "synthetic") -> list[dict]:
+    """n distinct problems of `task` (none in `exclude`), rows in the DAPO schema; the worked
     solution rides along in extra_info for the base model's supervised pre-training."""
+    make, source = TASKS[task]
     rng, rows, seen = random.Random(seed), [], set(exclude)
     while len(rows) < n:
-        problem, answer, steps, difficulty = synthetic_problem(rng)
+        problem, answer, steps, difficulty = make(rng)
         if problem in seen:
             continue
         seen.add(problem)
         solution = "\n".join(steps + [f"Answer: {answer}"])
-        rows.append(dapo_row("synthetic-arith", problem, answer, len(rows),
-                             difficulty=difficulty, solution=solution))
+        rows.append(dapo_row(source, problem, answer, len(rows), difficulty=difficulty, solution=solution))
     return rows
 
 
-def synthetic_splits(num_train: int = 20000, num_val: int = 200, seed: int = 0) -> dict:
-    val = synthetic_rows(num_val, seed + 1)
-    train = synthetic_rows(num_train, seed, exclude={problem_of(r) for r in val})
+def synthetic_splits(num_train: int = 20000, num_val: int = 200, seed: int = 0, task: str = "synthetic") -> dict:
+    val = synthetic_rows(num_val, seed + 1, task=task)
+    train = synthetic_rows(num_train, seed, exclude={problem_of(r) for r in val}, task=task)
     return {"train": train, "val": val}
 
 
@@ -193,9 +219,10 @@ def resolve_files(source: str) -> list[str]:
 def check_source(source: str) -> None:
     """What can be known of `source` without reading it: a DataError if it names a local file
     that is not there, or a synthetic split that does not exist."""
-    if source.startswith("synthetic:"):
-        if source.split(":", 1)[1] not in ("train", "val"):
-            raise DataError(f"{source}: unknown split '{source.split(':', 1)[1]}' (expected train or val)")
+    task, colon, split = source.partition(":")
+    if colon and task in TASKS:
+        if split not in ("train", "val"):
+            raise DataError(f"{source}: unknown split '{split}' (expected train or val)")
     elif source.endswith((".parquet", ".jsonl")) or looks_local(source):
         if not os.path.exists(os.path.expanduser(source)):
             raise DataError(f"{source}: no such file")
@@ -221,14 +248,12 @@ def has_rows(path: str) -> bool:
 
 
 def load_dapo_rows(source: str) -> list[dict]:
-    """Rows in the DAPO schema, deduplicated. `source` is a file, a hub name, or
-    'synthetic:train' / 'synthetic:val' (the demo task, made in memory)."""
-    if source.startswith("synthetic:"):
-        split = source.split(":", 1)[1]
-        splits = synthetic_splits()
-        if split not in splits:
-            raise DataError(f"{source}: unknown split '{split}' (expected train or val)")
-        return splits[split]
+    """Rows in the DAPO schema, deduplicated. `source` is a file, a hub name, or a synthetic
+    task's split, made in memory: 'synthetic:train' / 'synthetic:val' (the demo's), 'chain:...'."""
+    task, colon, split = source.partition(":")
+    if colon and task in TASKS:
+        check_source(source)
+        return synthetic_splits(task=task)[split]
     rows = [to_dapo_row(r, path, i) for path in resolve_files(source)
             for i, r in enumerate(read_nonempty(path))]
     return dedup(rows)
@@ -264,6 +289,7 @@ def main(argv=None):
     syn.add_argument("--num-train", type=int, default=20000)
     syn.add_argument("--num-val", type=int, default=200)
     syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--task", choices=sorted(TASKS), default="synthetic")
     conv = sub.add_parser("convert", help="read a file or hub dataset, dedup, write jsonl")
     conv.add_argument("source")
     conv.add_argument("--out", required=True)
@@ -273,7 +299,7 @@ def main(argv=None):
             for flag in ("num_train", "num_val"):
                 if getattr(args, flag) < 1:
                     raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-            for split, rows in synthetic_splits(args.num_train, args.num_val, args.seed).items():
+            for split, rows in synthetic_splits(args.num_train, args.num_val, args.seed, args.task).items():
                 write_rows(rows, os.path.join(args.out, f"{split}.jsonl"))
                 print(f"{split}: {len(rows)} rows -> {os.path.join(args.out, split + '.jsonl')}")
         else:

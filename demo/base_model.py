@@ -10,6 +10,7 @@ at temperature 1 it solves some held-out problems, not most, and outcome reward
 alone can teach it to be reliable.
 
     python -m demo.base_model --out .cache/base-model
+    python -m demo.base_model --task chain --out .cache/base-model-chain   # bench/ablation.py --task chain
 """
 import argparse
 import json
@@ -82,6 +83,26 @@ def sloppy_solution(row: dict, rng: random.Random, noise: float) -> str:
     return "\n".join(out + [f"Answer: {wrong}"])
 
 
+CHAIN_SHORTCUT, CHAIN_VERBOSE = 0.15, 0.1  # the chain task's pre-training mix, besides the wrong steps
+
+
+def chain_solution(row: dict, rng: random.Random, noise: float) -> str:
+    """The chain task's mix: in CHAIN_SHORTCUT of the solutions a guessed answer with no
+    working (short, off by 0-9: right for one chain in ten), in CHAIN_VERBOSE every step
+    written twice (long: past the length budget for long chains), otherwise sloppy_solution.
+    RL has a length to find: write the steps, once."""
+    draw = rng.random()
+    if draw < CHAIN_SHORTCUT:
+        return f"Answer: {int(row['answer']) + rng.randint(-9, 9)}"
+    if draw < CHAIN_SHORTCUT + CHAIN_VERBOSE:
+        *steps, answer = row["extra_info"]["solution"].split("\n")
+        return "\n".join([step for step in steps for _ in range(2)] + [answer])
+    return sloppy_solution(row, rng, noise)
+
+
+SOLUTIONS = {"synthetic": sloppy_solution, "chain": chain_solution}  # data_prep's tasks
+
+
 def encode(tokenizer, row: dict, solution: str) -> tuple[list[int], int]:
     """Token ids of prompt + solution + eos, and the prompt's length."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
@@ -92,14 +113,14 @@ def encode(tokenizer, row: dict, solution: str) -> tuple[list[int], int]:
 
 
 def pretrain(model, tokenizer, rows, steps: int, noise: float, batch_size: int = 64,
-             lr: float = 2e-3, seed: int = 0, log_every: int = 100) -> None:
+             lr: float = 2e-3, seed: int = 0, log_every: int = 100, task: str = "synthetic") -> None:
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
     model.train()
     t0 = time.time()
     for step in range(steps):
-        batch = [encode(tokenizer, r, sloppy_solution(r, rng, noise))
+        batch = [encode(tokenizer, r, SOLUTIONS[task](r, rng, noise))
                  for r in rng.sample(rows, batch_size)]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
@@ -119,10 +140,12 @@ def pretrain(model, tokenizer, rows, steps: int, noise: float, batch_size: int =
 
 
 def ensure_base_model(out_dir: str, steps: int = 2000, noise: float = 0.25, seed: int = 0,
-                      hidden: int = 128, layers: int = 2) -> str:
-    """Build and pre-train the base model unless `out_dir` already holds one. Written
-    aside and renamed into place, so an interrupted build is never mistaken for a model."""
+                      hidden: int = 128, layers: int = 2, task: str = "synthetic") -> str:
+    """Build and pre-train the base model for `task` (data_prep's synthetic tasks) unless
+    `out_dir` already holds one. Written aside and renamed into place, so an interrupted
+    build is never mistaken for a model."""
     recipe = {"steps": steps, "noise": noise, "seed": seed, "hidden": hidden, "layers": layers}
+    recipe |= {"task": task} if task != "synthetic" else {}  # the demo's caches stay valid
     marker = os.path.join(out_dir, "base_model.json")
     if os.path.exists(marker):
         with open(marker) as f:
@@ -133,8 +156,8 @@ def ensure_base_model(out_dir: str, steps: int = 2000, noise: float = 0.25, seed
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, hidden, layers, seed)
     print(f"building the base model: {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k "
-          f"parameters, {steps} supervised steps, noise {noise}", flush=True)
-    pretrain(model, tokenizer, data_prep.load_rows("synthetic:train"), steps, noise, seed=seed)
+          f"parameters, {steps} supervised steps, noise {noise}, task {task}", flush=True)
+    pretrain(model, tokenizer, data_prep.load_rows(f"{task}:train"), steps, noise, seed=seed, task=task)
     tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -152,5 +175,6 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--noise", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", choices=sorted(SOLUTIONS), default="synthetic")
     args = parser.parse_args()
-    print(ensure_base_model(args.out, args.steps, args.noise, args.seed))
+    print(ensure_base_model(args.out, args.steps, args.noise, args.seed, task=args.task))

@@ -79,3 +79,64 @@ def test_unknown_format_and_missing_file(tmp_path):
         load_rows(str(tmp_path / "x.csv"))
     with pytest.raises(DataError, match="no such file"):
         load_rows(str(tmp_path / "missing.jsonl"))
+
+
+def test_chain_task_answers_check_and_lengths_span_the_stated_range():
+    """The chain task: every worked solution scores +1 under reward.py against its gold, the
+    gold is the chain's value by an independent left-to-right evaluation, every number of
+    operations 1..CHAIN_MAX_OPS occurs, the worked answers run from about 10 to about 100
+    tokens of the demo's tokenizer, and the splits are disjoint and the same for a seed."""
+    import re
+
+    from demo.base_model import build_tokenizer
+    from reward import compute_score
+    splits = data_prep.synthetic_splits(num_train=1000, num_val=100, task="chain")
+    assert splits == data_prep.synthetic_splits(num_train=1000, num_val=100, task="chain")
+    assert data_prep.synthetic_rows(50, seed=4, task="chain") != data_prep.synthetic_rows(50, seed=5, task="chain")
+    train = {data_prep.problem_of(r) for r in splits["train"]}
+    assert len(train) == 1000 and not train & {data_prep.problem_of(r) for r in splits["val"]}
+    tokenizer, lengths = build_tokenizer(), []
+    for row in splits["train"]:
+        numbers = re.findall(r"[+-]?\d+", data_prep.problem_of(row).removeprefix("What is "))
+        assert str(sum(int(n) for n in numbers)) == row["reward_model"]["ground_truth"]  # left to right: a sum
+        solution = row["extra_info"]["solution"]
+        assert compute_score(solution, row["reward_model"]["ground_truth"])["acc"] is True
+        assert solution.count("\n") == row["extra_info"]["difficulty"] == len(numbers) - 1
+        lengths.append(len(tokenizer(solution, add_special_tokens=False)["input_ids"]))
+    assert {r["extra_info"]["difficulty"] for r in splits["train"]} == set(range(1, data_prep.CHAIN_MAX_OPS + 1))
+    assert 8 <= min(lengths) <= 15 and 95 <= max(lengths) <= 110
+
+
+def test_chain_splits_load_by_name_and_unknown_splits_are_named():
+    assert len(load_rows("chain:val")) == 200 and load_rows("chain:val")[0]["answer"].lstrip("-").isdigit()
+    with pytest.raises(DataError, match="chain:test: unknown split 'test'"):
+        load_rows("chain:test")
+
+
+def test_the_chain_base_models_mix_has_short_guesses_and_long_doubled_working():
+    """demo/base_model.py's pre-training mix for the chain task, counted over 4,000 draws:
+    guessed answers (no working) and doubled working at their stated shares, the doubled
+    working of long chains past the ablation's L_max of 128 tokens, the rest the worked
+    solution or one with a wrong step; every solution keeps the Answer line."""
+    import random
+
+    from demo import base_model
+    tokenizer, rng = base_model.build_tokenizer(), random.Random(0)
+    rows = data_prep.load_rows("chain:train")[:4000]
+    kinds, long_doubled = {"guess": 0, "doubled": 0, "worked": 0}, 0
+    for row in rows:
+        text = base_model.chain_solution(row, rng, noise=0.25)
+        worked = row["extra_info"]["solution"]
+        assert text.splitlines()[-1].startswith("Answer: ")
+        if "\n" not in text:
+            kinds["guess"] += 1
+            assert abs(int(text.removeprefix("Answer: ")) - int(row["answer"])) <= 9
+        elif text.count("\n") == 2 * worked.count("\n"):
+            kinds["doubled"] += 1
+            long_doubled += len(tokenizer(text, add_special_tokens=False)["input_ids"]) > 128
+        else:
+            kinds["worked"] += 1
+            assert text.count("\n") == worked.count("\n")
+    assert abs(kinds["guess"] / 4000 - base_model.CHAIN_SHORTCUT) < 0.02
+    assert abs(kinds["doubled"] / 4000 - base_model.CHAIN_VERBOSE) < 0.02
+    assert 0.2 < long_doubled / kinds["doubled"] < 0.6

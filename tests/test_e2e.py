@@ -84,8 +84,8 @@ def test_the_trainers_validation_and_eval_give_the_same_outcome_for_every_sample
         row["reward_model"]["ground_truth"] = answered[i] if i % 2 == 0 and answered[i] else "\\pi"
     data_prep.write_rows(rows, str(tmp_path / "val.jsonl"))
     val_rows = load_prompts(str(tmp_path / "val.jsonl"), trained["tokenizer"], cfg.max_prompt_len)
-    live, metrics = validation(cfg, trained["llm"], trained["tokenizer"], val_rows), \
-        validate(cfg, trained["llm"], trained["tokenizer"], val_rows)
+    live = validation(cfg, trained["llm"], trained["tokenizer"], val_rows)
+    metrics = validate(cfg, trained["llm"], trained["tokenizer"], val_rows)
     proc = subprocess.run([sys.executable, "-m", "eval.evaluate", "--model", os.path.join(cfg.run_dir, "final"),
                            "--data", str(tmp_path / "val.jsonl"), "--n", "4", "--temperature", "1.0", "--top-p", "1.0",
                            "--max-tokens", str(cfg.max_response_len), "--seed", str(cfg.seed + 7), "--dtype", "float32",
