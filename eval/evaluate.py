@@ -58,9 +58,13 @@ def make_engine(model_path: str, max_model_len: int | None, dtype: str, seed: in
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # it logs every weight reload otherwise
     threads = torch.get_num_threads()
     from vllm import LLM
-    llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-              enforce_eager=not torch.cuda.is_available(), tensor_parallel_size=tensor_parallel_size,
-              gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True, **options)
+    cpu = not torch.cuda.is_available()
+    # On CPU a prompt is never split across engine steps (no chunked prefill): vLLM rewinds a
+    # seeded request's generator after a split prompt's step, and a CPU generator cannot be
+    # rewound (RuntimeError: CPU Generator does not use offset). GPU generators can.
+    llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=cpu,
+              tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+              enable_prefix_caching=True, **({"enable_chunked_prefill": False} if cpu else {}), **options)
     torch.set_num_threads(threads)  # vLLM drops this process to one thread; a trainer beside it needs them all
     return llm, llm.get_tokenizer()
 

@@ -117,3 +117,23 @@ def test_eval_never_imports_the_trainer():
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "train_dapo" not in imported and "reward" in imported
+
+
+def test_seeded_samples_of_prompts_split_across_engine_steps_work_on_cpu(tiny_model_dir):
+    """vLLM rewinds a seeded request's random generator after a step that computed only part
+    of its prompt (chunked prefill), which a CPU generator cannot do ("CPU Generator does not
+    use offset"): 60 chain prompts x 8 seeded samples fill more than one step's token budget.
+    make_engine keeps prompts whole on CPU; the seeded samples repeat exactly."""
+    from vllm import SamplingParams
+
+    import data_prep
+    from eval.evaluate import make_engine, prompt_token_ids
+    llm, tokenizer = make_engine(tiny_model_dir, 192, "float32", seed=0)
+    rows = data_prep.load_rows("chain:val")[:60]
+    prompts = [{"prompt_token_ids": prompt_token_ids(tokenizer, r["prompt"])} for r in rows]
+    params = [SamplingParams(n=8, temperature=1.0, max_tokens=128, seed=i) for i in range(len(prompts))]
+
+    def sample():
+        return [[list(c.token_ids) for c in out.outputs] for out in llm.generate(prompts, params, use_tqdm=False)]
+    first = sample()
+    assert sample() == first and sum(len(ids) for group in first for ids in group) > 60 * 8 * 5
