@@ -69,7 +69,7 @@ def synthetic_problem(rng: random.Random) -> tuple[str, str, list[str], int]:
 
 # "What is 23+41-17+9?" -> "23+41=64\n64-17=47\n47+9=56\nAnswer: 56": 1 to CHAIN_MAX_OPS
 # additions and subtractions of two-digit numbers, left to right, a written step a line (about
-# 11 tokens each). The worked answer takes 9 to 100 tokens; a long chain is hard to get right
+# 11 tokens each). The worked answer takes 12 to 107 tokens; a long chain is hard to get right
 # without writing it out, so length varies, and matters.
 CHAIN_MAX_OPS = 8
 
@@ -155,13 +155,6 @@ def read_records(path: str) -> list[dict]:
     raise DataError(f"{path}: unknown format (expected .parquet or .jsonl)")
 
 
-def read_nonempty(path: str) -> list[dict]:
-    records = read_records(path)
-    if not records:
-        raise DataError(f"{path}: no rows (an empty file)")
-    return records
-
-
 def require(record, dotted: str, path: str, i: int):
     value = record
     for key in dotted.split("."):
@@ -217,16 +210,18 @@ def resolve_files(source: str) -> list[str]:
 
 
 def check_source(source: str) -> None:
-    """What can be known of `source` without reading it: a DataError if it names a local file
-    that is not there, or a synthetic split that does not exist."""
+    """What can be known of `source` reading no further than a file's first row: a DataError if
+    it names a local file that is not there or holds no row, or a synthetic split that does
+    not exist."""
     task, colon, split = source.partition(":")
     if colon and task in TASKS:
         if split not in ("train", "val"):
             raise DataError(f"{source}: unknown split '{split}' (expected train or val)")
     elif source.endswith((".parquet", ".jsonl")) or looks_local(source):
-        if not os.path.exists(os.path.expanduser(source)):
+        path = os.path.expanduser(source)
+        if not os.path.exists(path):
             raise DataError(f"{source}: no such file")
-        if os.path.isfile(source) and not has_rows(source):
+        if os.path.isfile(path) and not has_rows(path):
             raise DataError(f"{source}: no rows (an empty file)")
 
 
@@ -254,8 +249,10 @@ def load_dapo_rows(source: str) -> list[dict]:
     if colon and task in TASKS:
         check_source(source)
         return synthetic_splits(task=task)[split]
-    rows = [to_dapo_row(r, path, i) for path in resolve_files(source)
-            for i, r in enumerate(read_nonempty(path))]
+    files = resolve_files(source)
+    for path in files:  # an empty or unreadable file is named before any is read
+        check_source(path)
+    rows = [to_dapo_row(r, path, i) for path in files for i, r in enumerate(read_records(path))]
     return dedup(rows)
 
 

@@ -88,7 +88,7 @@ CHAIN_SHORTCUT, CHAIN_VERBOSE = 0.15, 0.1  # the chain task's pre-training mix, 
 
 def chain_solution(row: dict, rng: random.Random, noise: float) -> str:
     """The chain task's mix: in CHAIN_SHORTCUT of the solutions a guessed answer with no
-    working (short, off by 0-9: right for one chain in ten), in CHAIN_VERBOSE every step
+    working (short, off by -9 to +9: right one time in 19), in CHAIN_VERBOSE every step
     written twice (long: past the length budget for long chains), otherwise sloppy_solution.
     RL has a length to find: write the steps, once."""
     draw = rng.random()
