@@ -3,13 +3,25 @@ ground truth, else -1; and the soft overlong punishment (DAPO.md, section 4).
 
 Rewards are pure and never raise: text in, a score and its parts out. Whatever a
 policy writes (megabyte strings, towers of exponents, unbalanced LaTeX, lone
-surrogates) costs a bounded time and ends as a score, never as an exception.
+surrogates) costs a bounded time and ends as a score, never as an exception, and the
+same score in a main thread, in any other thread and in any process. The bound is
+math-verify's: VERIFY_TIMEOUT_S a stage and CHECK_BUDGET_S a check, kept by SIGALRM in a
+main thread; off it (signals reach only main threads) the check runs in a checker
+process, killed past CHECK_BUDGET_S. A check cut short is counted ("timeout"), not silent.
 """
 import importlib.util
+import logging
+import os
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 from fractions import Fraction
-
-import torch
+from itertools import product
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection, wait
 
 if importlib.util.find_spec("math_verify") is None:  # imported where used (it pulls sympy), but needed
     raise ImportError("reward.py needs math-verify (pip install math-verify==0.9.0): without it every answer "
@@ -17,9 +29,14 @@ if importlib.util.find_spec("math_verify") is None:  # imported where used (it p
 
 MAX_ANSWER_CHARS = 5000    # the tail of the answer line that is read: math-verify takes the last
                            # answer in it, and a bounded input keeps its regexes and parsers bounded
-VERIFY_TIMEOUT_S = 2       # math-verify's budget per stage (signal-based, main thread)
-VERIFY_STAGES = 5          # a call of compute_score takes at most this many: parse the gold and the
-                           # answer, each in up to two readings (readings()), then verify
+VERIFY_TIMEOUT_S = 2       # math-verify's budget a stage: parsing one reading, or verifying one pair
+VERIFY_STAGES = 5          # and a check's, in stages: parse the gold and the answer, each in up to
+                           # two readings (readings()), then verify
+CHECK_BUDGET_S = VERIFY_STAGES * VERIFY_TIMEOUT_S  # kept as a whole too: more pairs get no more time
+
+# math-verify warns once a process that its own timeouts are off: they are, as _Budget's run instead.
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(lambda record: not record.getMessage().startswith("Timeout is disabled"))
 
 # Case-insensitive like DAPO's public checker; `[^\n]*` is linear, so no regex blow-up.
 _ANSWER_LINE = re.compile(r"(?i)answer\s*:[ \t]*([^\n]*)")
@@ -83,24 +100,140 @@ def readings(text: str) -> list[str]:
     return [text, f"${text}$"] if _COMMA_NUMBER.match(text.replace(" ", "")) else [f"${text}$"]
 
 
-def math_verify_equal(pred: str, truth: str) -> bool:
+def math_verify_equal(pred: str, truth: str) -> bool | None:
     """Symbolic equivalence by math-verify (any reading of the answer against any of the
-    gold), for what the exact paths cannot decide."""
+    gold), for what the exact paths cannot decide; None if it could not decide (out of
+    time, or an error)."""
+    if threading.current_thread() is threading.main_thread():
+        return _check(pred, truth)
+    return _check_in_checker(pred, truth)
+
+
+class _OutOfTime(BaseException):
+    """A stage's alarm: a BaseException, as math-verify's own timeout is, so that no
+    `except Exception` in math-verify or sympy swallows it."""
+
+
+def _ring(signum, frame):
+    raise _OutOfTime
+
+
+class _Budget:
+    """A check's time, kept by SIGALRM (so in a main thread): VERIFY_TIMEOUT_S a stage,
+    CHECK_BUDGET_S in all; a stage out of time gives its fallback and is remembered."""
+
+    def __init__(self):
+        self.deadline = time.monotonic() + CHECK_BUDGET_S
+        self.ran_out = False
+
+    def stage(self, fallback, fn, *args, **kwargs):
+        seconds = min(VERIFY_TIMEOUT_S, self.deadline - time.monotonic())
+        if seconds <= 0:
+            self.ran_out = True
+            return fallback
+        old = signal.signal(signal.SIGALRM, _ring)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+            return fn(*args, **kwargs)
+        except _OutOfTime:
+            self.ran_out = True
+            return fallback
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+
+
+def _check(pred: str, truth: str) -> bool | None:
+    """math_verify_equal in this thread, a main one. math-verify's own timeouts are off: they
+    end a stage as _Budget's do (as no answer, or no match), but silently."""
     from math_verify import parse, verify  # imported lazily: it pulls sympy
 
+    budget = _Budget()
     try:
-        gold = [x for t in readings(truth) for x in parse(t, parsing_timeout=VERIFY_TIMEOUT_S)]
-        guess = [x for t in readings(pred) for x in parse(t, parsing_timeout=VERIFY_TIMEOUT_S)]
-        return bool(gold and guess and verify(gold, guess, timeout_seconds=VERIFY_TIMEOUT_S))
-    except Exception:  # sympy can raise anything, RecursionError and timeouts included.
-        return False
+        gold = [x for t in readings(truth) for x in budget.stage([], parse, t, parsing_timeout=None)]
+        guess = [x for t in readings(pred) for x in budget.stage([], parse, t, parsing_timeout=None)]
+        if any(budget.stage(False, verify, g, x, timeout_seconds=None) for g, x in product(gold, guess)):
+            return True
+    except (_OutOfTime, Exception):  # an alarm that rang as its stage ended; sympy can raise anything
+        return None
+    return None if budget.ran_out else False
 
 
-def is_equivalent(pred: str, truth: str) -> bool:
+_idle: list["_Checker"] = []  # checker processes between checks: as many as threads have checked at once
+_idle_lock = threading.Lock()
+
+
+def _forget_checkers():
+    """In a forked child: its parent's checkers are the parent's (their connections are shared)."""
+    global _idle, _idle_lock
+    _idle, _idle_lock = [], threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_checkers)
+
+
+def _check_in_checker(pred: str, truth: str) -> bool | None:
+    """_check in a checker process, for a caller off the main thread; one that overruns
+    CHECK_BUDGET_S (sympy can hang in C, where no alarm reaches) or fails is killed."""
+    with _idle_lock:
+        checker = _idle.pop() if _idle else None
+    try:
+        checker = checker or _Checker()
+        equal = checker.check(pred, truth)
+    except Exception:  # out of time, a checker that died, or none could start
+        if checker is not None:
+            checker.close()
+        return None
+    with _idle_lock:
+        _idle.append(checker)
+    return equal
+
+
+class _Checker:
+    """A Python process that runs _check in its main thread. A fresh interpreter, not a
+    multiprocessing child: those re-run the caller's __main__, a script for all we know.
+    Ready once math-verify is imported, so that a check's budget is spent checking."""
+
+    def __init__(self):
+        self.conn, theirs = Pipe()
+        here, fd = os.path.dirname(os.path.abspath(__file__)), theirs.fileno()
+        code = f"import sys; sys.path.insert(0, {here!r}); import reward; reward._serve({fd}, {os.getpid()})"
+        self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=[fd], stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.conn.recv()
+
+    def check(self, pred: str, truth: str) -> bool | None:
+        self.conn.send((pred, truth))
+        if not self.conn.poll(CHECK_BUDGET_S):
+            raise TimeoutError
+        return self.conn.recv()
+
+    def close(self):
+        self.process.kill()
+        self.process.wait()
+        self.conn.close()
+
+
+def _serve(fd: int, parent: int) -> None:
+    """A checker's loop: checks until its parent ends (the pidfd turns readable) or closes
+    the connection (a process it forked may hold a copy, so both count)."""
+    import math_verify  # noqa: F401 -- before "ready": the import is no check's time
+
+    conn, alive = Connection(fd), os.pidfd_open(parent)
+    conn.send("ready")
+    try:
+        while wait([conn, alive]) == [conn]:
+            conn.send(_check(*conn.recv()))
+    except (EOFError, OSError):  # the parent has gone
+        pass
+
+
+def is_equivalent(pred: str, truth: str) -> bool | None:
     """Exact where that settles it (the same text, equal rationals, two different integers:
     AIME's whole set, without sympy); math-verify on the answers as written otherwise, so
     that tuples, sets and intervals keep their structure, prose around a $...$ answer is
-    read as math-verify reads it, and a long decimal may match."""
+    read as math-verify reads it, and a long decimal may match. None: math-verify could
+    not decide."""
     a, b = normalize(pred), normalize(truth)
     if a == b:
         return True
@@ -113,22 +246,25 @@ def is_equivalent(pred: str, truth: str) -> bool:
 
 
 def compute_score(response: str, ground_truth: str) -> dict:
-    """{"score": +1.0 or -1.0, "acc": bool, "pred": extracted answer or None}. Never raises."""
+    """{"score": +1.0 or -1.0, "acc": bool, "pred": extracted answer or None, "timeout": bool}.
+    "timeout": the check ran out of time or failed, so its -1 is no verdict. Never raises."""
     try:
         if not isinstance(response, str):
             response = str(response)
         # Lone surrogates (invalid UTF-8 from a byte-level decoder) would break C-level parsers.
         response = response.encode("utf-8", "replace").decode("utf-8")
         pred = extract_answer(response)
-        acc = pred is not None and is_equivalent(pred, str(ground_truth))
+        equal = pred is not None and is_equivalent(pred, str(ground_truth))
     except Exception:
-        pred, acc = None, False
-    return {"score": 1.0 if acc else -1.0, "acc": acc, "pred": pred}
+        pred, equal = None, None
+    return {"score": 1.0 if equal else -1.0, "acc": equal is True, "pred": pred, "timeout": equal is None}
 
 
-def overlong_penalty(lengths, max_len: int, cache_len: int) -> torch.Tensor:
+def overlong_penalty(lengths, max_len: int, cache_len: int) -> "torch.Tensor":
     """Soft overlong punishment: 0 up to max_len - cache_len, then a linear ramp to -1 at
     max_len, and -1 beyond. `lengths` are response lengths in tokens (any sequence)."""
+    import torch  # imported where used: a checker process needs none of it, and it takes seconds
+
     lengths = torch.as_tensor(lengths, dtype=torch.float64)
     expected = max_len - cache_len
     ramp = (expected - lengths) / cache_len

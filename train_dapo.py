@@ -19,8 +19,8 @@ process. The paper's Qwen2.5-32B recipe is `--preset paper`.
     python train_dapo.py                                  # the CPU demo (~10 min on 2 cores)
     python train_dapo.py --preset grpo                    # naive GRPO baseline, same budget
     python train_dapo.py --nproc_per_node 2 --rollout_nodes 1 --max_staleness 1   # generate while learning
-    python train_dapo.py --model_path DIR --dtype bfloat16 --gpu_memory_utilization 0.3 --train_data ...
-                                                          # one GPU: the engine beside the trainer
+    python train_dapo.py --preset one_gpu --model_path DIR --train_data ... --val_data ...
+                                                          # one GPU, a 1.5B model: the engine beside the trainer
     python train_dapo.py --preset paper --model_path DIR --nproc_per_node 8 --rollout_nodes 1 \\
         --tensor_parallel_size 1 --train_data ... --val_data ...   # one 8-GPU node: 7 trainers, 1 engine
     bash slurm/qwen2.5-32b.sh --slurm_partition gpu                # the paper's run: 16 nodes, Submitit
@@ -75,7 +75,8 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 import data_prep
 from data_prep import FlagParser
-from eval.evaluate import generate_and_score, make_engine, prompt_token_ids, submit_job
+from eval.evaluate import (generate_and_score, largest_tensor_parallel, make_engine, prompt_token_ids, submit_job,
+                           tensor_parallel_problem, weights_problem)
 from reward import compute_score, overlong_penalty
 
 # Imported where used, and only there: vllm, transformers, wandb, matplotlib, liger-kernel, demo/
@@ -115,6 +116,11 @@ class Config:
     """sampling temperature for training rollouts"""
     top_p: float = 1.0
     """nucleus sampling for training rollouts"""
+    per_request_seeds: bool = True
+    """seed every rollout request from (run seed, step, round, prompt): the same samples whatever the
+    batching, so runs repeat and resume sample for sample. Off, vLLM samples from one engine-wide
+    generator (its fused GPU sampler, no per-sequence loop: scripts/gpu_smoke.py measures the
+    difference), and runs are no longer reproducible sample for sample"""
     gen_prompts_per_round: int = 64
     """prompts generated per dynamic-sampling round (verl's script: 3 x 512)"""
     max_gen_rounds: int = 10
@@ -254,6 +260,16 @@ PRESETS = {
                   mini_batch_size=512, micro_batch_tokens=24576, dual_clip_c=10.0, gradient_checkpointing=True,
                   val_every=5, val_samples=32, val_top_p=0.7, total_steps=400,
                   save_every_min=60.0, slurm_signal_lead_s=5400, reward_workers=32),
+    # One GPU, a small model (Qwen2.5-1.5B or -Math-1.5B), the engine beside the trainer. The context
+    # (1,024 + 3,072) fits Qwen2.5-Math's 4,096; the engine takes 30% of the GPU, the trainer the rest
+    # (slurm/memory_budget.py: 30 GB at 1.5B, plus 5-8 GB of slack: an 80 GB GPU holds both); lr and
+    # clips as in the paper, 4 updates a step.
+    "one_gpu": dict(max_prompt_len=1024, max_response_len=3072, overlong_cache_len=512,
+                    prompts_per_step=32, group_size=16, gen_prompts_per_round=96, max_gen_rounds=10,
+                    dtype="bfloat16", gpu_memory_utilization=0.3, lr=1e-6, warmup_steps=10,
+                    mini_batch_size=128, micro_batch_tokens=16384, dual_clip_c=10.0, gradient_checkpointing=True,
+                    val_every=10, val_samples=16, val_top_p=0.7, total_steps=300,
+                    save_every_min=30.0, reward_workers=8),
 }
 
 
@@ -381,7 +397,8 @@ def generate(llm, cfg: Config, rows: list[dict], seed: int) -> list[list[dict]]:
     """G responses per row: token ids, text, vLLM's log-probs, and whether it was truncated."""
     from vllm import SamplingParams
     params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                             max_tokens=cfg.max_response_len, logprobs=0, seed=seed + i * cfg.group_size)
+                             max_tokens=cfg.max_response_len, logprobs=0,
+                             seed=seed + i * cfg.group_size if cfg.per_request_seeds else None)
               for i in range(len(rows))]
     outputs = llm.generate([{"prompt_token_ids": r["prompt_ids"]} for r in rows], params, use_tqdm=False)
     if not isinstance(llm, RemoteEngines):  # whose processes compact their own
@@ -757,8 +774,8 @@ def run_steps(cfg: Config, driver: Driver | None, tokenizer, policy, optimizer, 
         overdue = bool(driver) and 0 < cfg.save_every_min * 60 < time.time() - last_save  # the driver's clock decides
         preempted, overdue = any_trainer(preemption.requested, overdue)  # all trainers checkpoint the same step
         if step % cfg.save_every == 0 or step == cfg.total_steps or preempted or overdue:
-            save_checkpoint(cfg, step, policy, optimizer, scheduler, driver and driver.rollouts.sampler, generator,
-                            driver and driver.rollouts.ahead())
+            save_checkpoint(cfg, step, policy, tokenizer, optimizer, scheduler, driver and driver.rollouts.sampler,
+                            generator, driver and driver.rollouts.ahead())
             last_save = time.time()
         if preempted:
             break
@@ -866,9 +883,12 @@ def resolve(cfg: Config, check_model: bool = True) -> Config:
                 data_prep.check_source(getattr(cfg, flag))
         except data_prep.DataError as e:
             raise ValueError(f"--{flag}: {e}") from None
-    context = model_context(cfg) if check_model else math.inf
+    context, model = model_config(cfg) if check_model else (math.inf, None)
     need(cfg.max_prompt_len + cfg.max_response_len <= context, "max_prompt_len",
          f"plus --max_response_len {cfg.max_response_len} exceeds the model's context of {context} tokens")
+    split = model and tensor_parallel_problem(model, cfg.tensor_parallel_size)
+    need(not split, "tensor_parallel_size", f"{split}: vLLM would refuse it at engine start (the largest that works: "
+         f"{model and largest_tensor_parallel(model, cfg.tensor_parallel_size)})")
     if not cfg.dynamic_sampling:
         cfg.gen_prompts_per_round = cfg.prompts_per_step  # one round, every group kept
     if cfg.tis == "auto":
@@ -877,12 +897,14 @@ def resolve(cfg: Config, check_model: bool = True) -> Config:
     return cfg
 
 
-def model_context(cfg: Config) -> int:
-    """The model's context (max_position_embeddings) from its config, read before any weight
-    loads; a ValueError names --model_path when there is none to read."""
-    if not cfg.model_path:  # the demo's model, built later if not yet
+def model_config(cfg: Config):
+    """The model's context (max_position_embeddings) and transformers config, read before any
+    weight loads, and its weights checked to be there (a half-copied model directory would
+    fail minutes later in vLLM's loader); a ValueError names --model_path. The demo's model,
+    built later if not yet, has no config to read: (its context, None)."""
+    if not cfg.model_path:
         from demo.base_model import MAX_POSITIONS
-        return MAX_POSITIONS
+        return MAX_POSITIONS, None
     from transformers import AutoConfig
     path = cfg.model_path
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
@@ -890,7 +912,7 @@ def model_context(cfg: Config) -> int:
     if not os.path.isdir(path) and (data_prep.looks_local(path) or path.count("/") != 1):
         raise ValueError(f"--model_path {path}: no such directory (and not a hub name: owner/name)")
     try:
-        return AutoConfig.from_pretrained(path).max_position_embeddings
+        config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         if os.path.isdir(path):
             raise ValueError(f"--model_path {path}: its config.json is not one transformers can read: "
@@ -898,6 +920,9 @@ def model_context(cfg: Config) -> int:
         offline = " (HF_HUB_OFFLINE is set: only models already downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise ValueError(f"--model_path {path}: not a directory here, and its config could not be had from the "
                          f"hub{offline}: {str(e).splitlines()[0]}") from None
+    if weights_problem(path):
+        raise ValueError(f"--model_path {path}: {weights_problem(path)}")
+    return config.max_position_embeddings, config
 
 
 class RunError(Exception):
@@ -1294,12 +1319,19 @@ def serve_rollouts(cfg: Config, cluster: Cluster) -> None:
     """A rollout process: one engine, answering the driver's commands until told to stop."""
     llm, _ = make_rollout_engine(cfg.model_path, cfg.max_prompt_len + cfg.max_response_len, cfg.dtype,
                                  cfg.seed, cfg.tensor_parallel_size, cfg.gpu_memory_utilization)
+    serve(llm, cluster)
+    llm.llm_engine.engine_core.shutdown()  # vLLM's teardown before leave_cluster's, which would pull its groups away
+
+
+def serve(llm, cluster: Cluster) -> None:
+    """Answer the driver's commands with the loaded engine `llm` until told to stop."""
     while True:
         command, payload = recv_obj(cluster.control, 0)
-        if command == "stop":  # vLLM's teardown before leave_cluster's, which would pull its groups away
-            llm.llm_engine.engine_core.shutdown()
+        if command == "stop":
             return
-        if command == "generate":
+        if command == "ready":  # answered once loaded (the driver's send waits until this loop runs)
+            reply = True
+        elif command == "generate":
             reply = compact(llm.generate(*payload, use_tqdm=False))
         elif command == "join_weight_group":
             reply = llm.collective_rpc("join_weight_group", args=payload)
@@ -1316,10 +1348,7 @@ class WeightReceiver:
 
     def join_weight_group(self, host: str, port: int, first_rank: int, world: int) -> None:
         from vllm.distributed.parallel_state import get_tp_group
-        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
-        self.weight_group = stateless_init_torch_distributed_process_group(
-            host, port, first_rank + get_tp_group().rank_in_group, world,
-            "nccl" if torch.cuda.is_available() else "gloo")
+        self.weight_group = weight_group(host, port, first_rank + get_tp_group().rank_in_group, world)
 
     def receive_weights(self, plan: list[list[tuple[str, list[int]]]], dtype: str) -> None:
         def arriving():
@@ -1341,15 +1370,17 @@ class RemoteEngines:
     process that dies is named in the error, and the launcher stops the job."""
 
     def __init__(self, cfg: Config, cluster: Cluster):
-        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
         from vllm.utils.network_utils import get_open_port
         self.cluster, self.ranks = cluster, cluster.ranks("rollout")
+        # Every engine loaded before any joins: the group's members wait for each other only
+        # seconds, not the minutes between engines that load a 32B model at different speeds.
+        self.send("ready", [None] * len(self.ranks))
+        self.receive("ready")
         # the address the launch agreed on (node 0's, where the driver runs): every node reached it
         host, port, tp = os.environ["MASTER_ADDR"], get_open_port(), cfg.tensor_parallel_size
         world = 1 + len(self.ranks) * tp
         self.send("join_weight_group", [(host, port, 1 + i * tp, world) for i in range(len(self.ranks))])
-        self.weight_group = stateless_init_torch_distributed_process_group(
-            host, port, 0, world, "nccl" if torch.cuda.is_available() else "gloo")
+        self.weight_group = weight_group(host, port, 0, world)
         self.receive("join_weight_group")
 
     def talk(self, command: str, rank: int, exchange):
@@ -1375,6 +1406,14 @@ class RemoteEngines:
         stop_engines(self.cluster)
 
 
+def weight_group(host: str, port: int, rank: int, world: int):
+    """The driver's and every engine worker's group for the weights: NCCL between GPUs, gloo on
+    CPU, waiting as long as the run's other groups (the backend's default is 10 minutes)."""
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+    return stateless_init_torch_distributed_process_group(host, port, rank, world, "nccl" if torch.cuda.is_available()
+                                                          else "gloo", timeout=HANG_TIMEOUT)
+
+
 def stop_engines(cluster: Cluster) -> None:
     """Release the engines and the processes standing by: they exit."""
     for rank in cluster.ranks("rollout") + cluster.ranks("standby"):
@@ -1393,10 +1432,16 @@ def sync_plan(state: dict, dtype: torch.dtype, bucket_bytes: int) -> list[list[t
     return plan
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A parameter whole: FSDP's shards (DTensor) gathered from every trainer, as they are
+    (cast the shard first: a bf16 gather moves half the bytes of an fp32 one)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 @torch.no_grad()
 def sync_weights(cfg: Config, llm, policy: Policy) -> dict:
     """Send the policy's current weights to the engine(s), bucket by bucket: every trainer
-    gathers its shards of a bucket, the driver casts it to the engine's dtype and
+    casts its shards of a bucket to the engine's dtype and gathers them, and the driver
     broadcasts it. An engine in this process loads them directly."""
     t0 = time.time()
     dtype, state = getattr(torch, cfg.dtype), policy.lm.state_dict()
@@ -1406,8 +1451,7 @@ def sync_weights(cfg: Config, llm, policy: Policy) -> dict:
         llm.send("sync", [(plan, cfg.dtype)] * len(llm.ranks))
     in_process, nbytes = [], 0
     for bucket in plan:
-        tensors = [state[name] for name, _ in bucket]
-        tensors = [(t.full_tensor() if hasattr(t, "full_tensor") else t).to(dtype) for t in tensors]
+        tensors = [full_tensor(state[name].to(dtype)) for name, _ in bucket]
         if remote:
             flat = torch.cat([t.flatten() for t in tensors])
             llm.talk("sync", llm.ranks[0], lambda: llm.weight_group.broadcast(flat, 0).wait())
@@ -1729,12 +1773,13 @@ def checkpoint_dirs(run_dir: str) -> list[str]:
     return [os.path.join(root, f"step-{n}") for n in sorted(steps)]
 
 
-def save_checkpoint(cfg: Config, step: int, policy, optimizer, scheduler, sampler, generator,
+def save_checkpoint(cfg: Config, step: int, policy, tokenizer, optimizer, scheduler, sampler, generator,
                     ahead: dict | None = None) -> str:
     """Model and optimizer, sharded, through torch.distributed.checkpoint (each trainer
     writes its shards); every trainer's RNGs; the driver's scheduler, sampler position,
-    the batches made ahead (max_staleness: their weights are gone) and the config.
-    Written aside, then renamed once all of it is on disk."""
+    the batches made ahead (max_staleness: their weights are gone) and the config; the
+    model's HF config and tokenizer in model/, so that eval/export.py makes an HF model of
+    it from it alone. Written aside, then renamed once all of it is on disk."""
     rank, _ = trainer_rank_and_count()
     path = os.path.join(cfg.run_dir, "checkpoints", f"step-{step}")
     if os.path.exists(path):  # already complete (written before a preemption cut the run short)
@@ -1754,6 +1799,8 @@ def save_checkpoint(cfg: Config, step: int, policy, optimizer, scheduler, sample
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"config": dataclasses.asdict(cfg),
                        "shapes": {k: list(v.shape) for k, v in policy.state_dict().items()}}, f, indent=1)
+        for part in (policy.lm.config, policy.lm.generation_config, tokenizer):  # generation_config: stop tokens
+            part.save_pretrained(os.path.join(tmp, "model"))
     barrier()
     if rank == 0:
         os.rename(tmp, path)

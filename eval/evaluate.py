@@ -7,9 +7,12 @@ uses this file (its engine, scoring and Submitit launch); this file never import
 trainer, so either can be read and changed alone.
 
     python -m eval.evaluate --model runs/demo/final --data synthetic:val --n 8 --top-p 1.0
+    python -m eval.evaluate --model runs/demo/checkpoints/step-40 --data synthetic:val   # exported first
+    python -m eval.evaluate --model runs/demo --data synthetic:val   # the run's newest weights
     python -m eval.evaluate --model Qwen/Qwen2.5-32B --data aime24.parquet --max-tokens 20480
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -20,6 +23,7 @@ import numpy as np
 import data_prep
 import reward
 from data_prep import FlagParser
+from eval import export
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -147,18 +151,65 @@ def context_length(rows: list[dict], tokenizer, max_tokens: int, limit: int) -> 
 
 
 def fitting_context(args, rows: list[dict]) -> int:
-    """context_length for the model and flags of this evaluation."""
+    """context_length for the model and flags of this evaluation (a checkpoint's config and
+    tokenizer are in its model/)."""
     from transformers import AutoConfig, AutoTokenizer
+    path = os.path.join(args.picked, "model") if export.is_checkpoint(args.picked) else args.picked
     try:
-        config = AutoConfig.from_pretrained(args.model)
+        config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelError(f"--model {args.model}: no model config could be read: {str(e).splitlines()[0]}") from None
     limit = args.max_model_len or config.max_position_embeddings
-    return context_length(rows, AutoTokenizer.from_pretrained(args.model), args.max_tokens, limit)
+    return context_length(rows, AutoTokenizer.from_pretrained(path), args.max_tokens, limit)
 
 
 class ModelError(ValueError):
     """--model names something that is not a model transformers can read."""
+
+
+def locate(model: str) -> tuple[str, int | str | None]:
+    """What --model names, as (what to load, the step it was trained to): a trainer checkpoint
+    (whole, or a CheckpointError says why not); a run directory: its newest weights, said in
+    one line; an HF model directory (a run's final/: that run's step) or a hub name."""
+    if export.is_checkpoint(model):
+        export.check_checkpoint(model)
+        return model, export.checkpoint_step(model)
+    if not os.path.exists(model):
+        if data_prep.looks_local(model):
+            raise ModelError(f"--model {model}: no such directory")
+        return model, None  # a hub name
+    if os.path.isdir(os.path.join(model, "checkpoints")) or os.path.isdir(os.path.join(model, "final")):
+        path, step = export.latest(model)
+        print(f"--model {model}: the run's newest weights, {os.path.relpath(path, model)} (step {step})", flush=True)
+        return path, step
+    if not os.path.exists(os.path.join(model, "config.json")):
+        raise ModelError(f"--model {model}: not a model directory (no config.json)")
+    final = os.path.basename(os.path.normpath(model)) == "final"
+    return model, export.final_step(export.run_of(model)) if final else None
+
+
+def data_checksum(source: str, rows: list[dict]) -> dict:
+    """sha256 of the data file as it is on disk (what sha256sum prints), or where there is no
+    one file (a synthetic task, a hub dataset) of the rows as canonical JSON."""
+    path = os.path.expanduser(source)
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return {"sha256": hashlib.file_digest(f, "sha256").hexdigest(), "sha256_of": "the file"}
+    text = json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str)
+    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "sha256_of": "the rows as canonical JSON"}
+
+
+def provenance(args, model_dir: str, rows: list[dict], llm) -> dict:
+    """What moves the number besides the weights: the code's versions, the model and the step
+    it was trained to, the engine's dtype, the sampling, and which data (rows, checksum)."""
+    import torch
+    import transformers
+    import vllm
+    return {"versions": {"vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+            "model": args.model, "model_dir": model_dir, "step": args.step,
+            "dtype": str(llm.model_config.dtype).removeprefix("torch."), "seed": args.seed, "n": args.n,
+            "temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens,
+            "data": {"source": args.data, "rows": len(rows), **data_checksum(args.data, rows)}}
 
 
 def gpus_here() -> int:
@@ -166,18 +217,62 @@ def gpus_here() -> int:
     return max(1, torch.cuda.device_count())  # NVML: CUDA stays uninitialised for vLLM's workers
 
 
+def tensor_parallel_problem(config, tp: int) -> str | None:
+    """Why vLLM would refuse to split this model (a transformers config) over `tp` GPUs, or
+    None: the attention heads and the MLP's width must divide evenly, and the KV heads
+    either divide evenly (tp up to their count) or be replicated a whole number of times."""
+    heads, width = config.num_attention_heads, config.intermediate_size
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if heads % tp:
+        return f"does not divide the model's {heads} attention heads"
+    if (tp % kv if tp > kv else kv % tp):
+        return f"does not divide, nor is a multiple of, the model's {kv} KV heads"
+    if width % tp:
+        return f"does not divide the model's MLP width (intermediate_size {width})"
+    return None
+
+
+def largest_tensor_parallel(config, gpus: int) -> int:
+    """The widest split of the model vLLM accepts on at most `gpus` GPUs (1 always does)."""
+    return max(tp for tp in range(1, gpus + 1) if tensor_parallel_problem(config, tp) is None)
+
+
+WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin")
+
+
+def weights_problem(path: str) -> str | None:
+    """Why the model directory `path` holds no loadable weights (a half-copied checkpoint:
+    the config arrived, the shards did not), or None. Sharded weights are checked against
+    their index; a hub name (no such directory) is the hub's to answer."""
+    if not os.path.isdir(path):
+        return None
+    index = next((f for f in WEIGHT_FILES[:2] if os.path.exists(os.path.join(path, f))), None)
+    if index:
+        with open(os.path.join(path, index)) as f:
+            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
+        return f"{index} lists {len(missing)} missing shard(s): {', '.join(missing[:3])}" if missing else None
+    if any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES[2:]) or \
+            any(f.endswith(".safetensors") for f in os.listdir(path)):
+        return None
+    return "holds a config.json but no weights (*.safetensors or pytorch_model.bin)"
+
+
 def evaluate(args) -> dict:
     """Load the model into vLLM, evaluate, write the report; the summary back."""
     rows = data_prep.load_rows(args.data)
-    llm, tokenizer = make_engine(args.model, fitting_context(args, rows), args.dtype, args.seed,
+    model_dir = export.cached_export(args.picked) if export.is_checkpoint(args.picked) else args.picked
+    llm, tokenizer = make_engine(model_dir, fitting_context(args, rows), args.dtype, args.seed,
                                          args.tensor_parallel_size or gpus_here())
     t0 = time.time()
     result = generate_and_score(llm, tokenizer, rows, args.n, args.temperature, args.top_p,
                                 args.max_tokens, args.seed, progress=True)
     result["config"] = vars(args) | {"seconds": time.time() - t0}
+    result["provenance"] = provenance(args, model_dir, rows, llm)
     write_report(result, args.out)
     s = result["summary"]
-    print(f"{args.data}: avg@{args.n} {s[f'avg@{args.n}']:.4f} | pass@1 {s['pass@k'][1]:.4f} | "
+    at = f" at step {args.step}" if isinstance(args.step, int) else ""
+    print(f"{args.data} | {args.model}{at}: avg@{args.n} {s[f'avg@{args.n}']:.4f} | pass@1 {s['pass@k'][1]:.4f} | "
           f"pass@{args.n} {s['pass@k'][args.n]:.4f} | mean length {s['response_length']['mean']:.0f} | "
           f"truncated {s['truncated_share']:.3f} | report in {args.out}", flush=True)
     return s
@@ -209,15 +304,12 @@ def check_flags(parser, args) -> None:
         parser.error("--submit needs --gpus N: the GPUs of the job's node (0 for a CPU-only job)")
     if os.path.exists(args.model) and not os.path.isdir(args.model):
         parser.error(f"--model {args.model}: not a directory")
-    if not os.path.exists(args.model) and data_prep.looks_local(args.model):
-        parser.error(f"--model {args.model}: no such directory")
-    if os.path.isdir(args.model) and not os.path.exists(os.path.join(args.model, "config.json")):
-        parser.error(f"--model {args.model}: not a model directory (no config.json)")
 
 
 def make_parser() -> FlagParser:
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="HF-format model directory or hub name")
+    parser.add_argument("--model", required=True, help="HF-format model directory or hub name; a run's "
+                        "checkpoints/step-N (exported to RUN/exports/step-N first); a run directory (its newest)")
     parser.add_argument("--data", required=True, help="anything data_prep.load_rows reads")
     parser.add_argument("--n", type=int, default=32, help="samples per problem")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -244,15 +336,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_flags(parser, args)
     try:  # fail here, before an engine starts or a job is queued
+        args.picked, args.step = locate(args.model)
         fitting_context(args, data_prep.load_rows(args.data))
+    except export.CheckpointError as e:
+        parser.error(f"--model {e}")
     except data_prep.DataError as e:
         parser.error(f"--data: {e}")
     except ModelError as e:
         parser.error(str(e))
     except ValueError as e:
         parser.error(f"--data {args.data}: {e}")
-    args.out = args.out or os.path.join("eval_results", f"{os.path.basename(args.model.rstrip('/'))}-"
-                                        f"{os.path.basename(args.data).replace(':', '-')}")
+    name = os.path.basename(os.path.normpath(args.model))
+    if isinstance(args.step, int):  # a run's checkpoint or end: the run's name and the step
+        name = f"{os.path.basename(export.run_of(args.picked))}-step-{args.step}"
+    args.out = args.out or os.path.join("eval_results", f"{name}-{os.path.basename(args.data).replace(':', '-')}")
     submit(args) if args.submit else evaluate(args)
 
 

@@ -8,10 +8,14 @@ table: the policy sharded by FSDP2 on a group of one with bf16 compute over fp32
 weights and Liger's kernels; a step's learning half (pi_old's pass, then two updates) and
 the one-update path (pi_old from the update's own pass) against it; a checkpoint written
 and read back on the GPU; packed flash-attention log-probs against padded sdpa; with vLLM,
-the in-process layout (engine beside the trainer on one GPU) for three steps, its synced
-engine against a fresh one from the saved weights, the trainer/engine log-prob gap, the
-step-time split and what per-request seeds cost; with two GPUs, one trainer plus one
-rollout process. Peak memory and times are per check.
+the README's one-GPU command (--preset one_gpu) for two steps, the in-process layout
+(engine beside the trainer on one GPU) for three, the trainer/engine log-prob gap, the
+step-time split, decode tokens a second with and without per-request seeds, and after a
+sync of weights no engine has seen, the live engine's per-token log-probs against a fresh
+engine's from the saved weights; with two GPUs, one trainer plus one rollout process, and
+with three, the engine tensor-parallel over two: each must keep the trainer/engine gap of
+its first step while lr 1e-3 moves the weights (it grows if a sync loads nothing). Peak
+memory and times are per check.
 
 Exit status 0 only if every check ran and passed; 1 if one failed or could not run (a
 missing package, one GPU where two are needed); 2 without a CUDA GPU: it never passes
@@ -76,6 +80,9 @@ def build_model(path: str, args) -> None:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Qwen2ForCausalLM(config)
+    # Logits of a few nats (std ~2.4, not ~0.6): log-probs that move visibly with the weights,
+    # greedy answers rarely near a tie. Ids past the tokenizer's 43 decode to nothing, harmlessly.
+    model.model.embed_tokens.weight.data.mul_(4)
     model.save_pretrained(path)
     build_tokenizer().save_pretrained(path)
 
@@ -104,6 +111,31 @@ def random_batch(cfg: T.Config, seed: int) -> dict:
                           "reward": float(torch.randint(0, 2, (1,), generator=g)) * 2 - 1})
         responses.append(group)
     return T.flatten_batch(cfg, T.rollout_arrays(rows, responses))
+
+
+def prompt_logprobs(llm, sequences: list[list[int]]) -> torch.Tensor:
+    """Each token's log-prob under the engine given the tokens before it (the first has none):
+    no sampling, so no ties to break differently."""
+    from vllm import SamplingParams
+    outs = llm.generate([{"prompt_token_ids": s} for s in sequences], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                        use_tqdm=False)
+    return torch.tensor([lp[t].logprob for out, s in zip(outs, sequences) for lp, t in zip(out.prompt_logprobs[1:], s[1:])])
+
+
+def launched(cfg: T.Config) -> tuple[bool, str]:
+    """Run `cfg` as its own launch of train_dapo.py; it passes if every step is logged and the
+    trainer/engine log-prob gap stays near its first step's, where both held the initial
+    weights (with an lr that moves the weights, a sync that loads nothing widens it)."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_dapo.py"), *T.config_argv(cfg)],
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        return False, f"exit {proc.returncode} | " + proc.stderr[-300:].replace("\n", " ")
+    with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as f:
+        steps = [json.loads(line) for line in f if json.loads(line)["step"] > 0]
+    gaps = [s["actor/vllm_logprob_diff"] for s in steps]
+    return len(steps) == cfg.total_steps and max(gaps) < 2 * gaps[0] + 0.02, (
+        f"{len(steps)} steps; vllm_logprob_diff by step {', '.join(f'{g:.4f}' for g in gaps)}; last step "
+        f"{steps[-1]['time/step']:.1f} s (rollout {steps[-1]['time/rollout']:.1f} s, sync {steps[-1]['time/sync']:.2f} s)")
 
 
 def some_weights(policy) -> dict:
@@ -203,7 +235,7 @@ def run_checks(args) -> None:
         optimizer, scheduler = T.make_optimizer(cfg, policy)
         T.learn(cfg, policy, optimizer, scheduler, dict(batch), torch.Generator().manual_seed(0))
         sampler, generator = T.PromptSampler([{}] * 4, 0), torch.Generator().manual_seed(0)
-        saved = T.save_checkpoint(cfg, 1, policy, optimizer, scheduler, sampler, generator)
+        saved = T.save_checkpoint(cfg, 1, policy, tokenizer, optimizer, scheduler, sampler, generator)
         again = T.build_or_load_policy(cfg, path)
         optimizer2, scheduler2 = T.make_optimizer(cfg, again)
         T.load_checkpoint(cfg, saved, again, optimizer2, scheduler2, sampler, generator)
@@ -226,6 +258,18 @@ def run_checks(args) -> None:
         valid = a != 0
         diff = (a - b).abs()[valid]
         return float(diff.mean()) < 2e-2, f"mean |diff| {float(diff.mean()):.2e}, max {float(diff.max()):.2e} nats"
+
+    # before the in-process engine: this command's own engine takes 30% of an idle GPU
+    @check("the README's one-GPU command (--preset one_gpu), 2 steps of 8 x 16 responses up to 3,072 tokens",
+           needs=("vllm",))
+    def readme_one_gpu():
+        argv = ["--preset", "one_gpu", "--model_path", path, "--train_data", "synthetic:train", "--val_data",
+                "synthetic:val", "--val_max_problems", "8", "--dynamic_sampling", "false", "--prompts_per_step", "8",
+                "--mini_batch_size", "32", "--total_steps", "2", "--wandb_mode", "disabled",
+                "--run_dir", os.path.join(work, "one_gpu")]  # a random model solves nothing: no group is mixed
+        one = T.parse_config(argv)
+        one.lr, one.warmup_steps = 1e-3, 1  # weights that move, so that the sync is seen (launched())
+        return launched(one)
 
     live = {}  # the in-process run's engine, for the checks after it
 
@@ -250,30 +294,38 @@ def run_checks(args) -> None:
             t0 = time.time()
             llm.generate(prompts, params, use_tqdm=False)
             speeds[name] = len(prompts) * 8 * 256 / (time.time() - t0)
-        return True, f"per-request {speeds['per-request']:.0f} tok/s, one seed {speeds['one seed']:.0f} tok/s"
+        return True, (f"per-request {speeds['per-request']:.0f} tok/s, one seed {speeds['one seed']:.0f} tok/s "
+                      f"(x{speeds['one seed'] / speeds['per-request']:.2f}: what --per_request_seeds false would gain)")
 
     # last in this process: a second engine that is dropped tears down vLLM's groups under the first
-    @check("sync: the live engine answers greedily like a fresh engine from the saved weights", needs=("vllm",))
+    @check("sync: after a sync of new weights, the live engine's per-token log-probs = a fresh engine's from "
+           "the saved weights", needs=("vllm",))
     def synced():
-        from vllm import SamplingParams
-        fresh, _ = T.make_rollout_engine(os.path.join(cfg.run_dir, "final"), 256, "bfloat16", 0,
-                                         gpu_memory_utilization=0.2)
-        prompts = [{"prompt_token_ids": p} for p in batch["prompt_ids"][:16]]
-        greedy = SamplingParams(temperature=0, max_tokens=32)
-        a = [list(o.outputs[0].token_ids) for o in live["llm"].generate(prompts, greedy, use_tqdm=False)]
-        b = [list(o.outputs[0].token_ids) for o in fresh.generate(prompts, greedy, use_tqdm=False)]
-        same = sum(x == y for x, y in zip(a, b))
-        return same == len(a), f"{same}/{len(a)} greedy answers equal"
+        llm, policy = live["llm"], live["policy"]
+        sequences = [p + r[:64] for p, r in zip(batch["prompt_ids"][:16], batch["response_ids"][:16])]
+        before = prompt_logprobs(llm, sequences)  # also fills the prefix cache the sync must drop
+        with torch.no_grad():  # weights no engine has seen
+            for p in policy.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        T.sync_weights(cfg, llm, policy)
+        T.save_hf(policy, live["tokenizer"], os.path.join(work, "moved"))
+        after = prompt_logprobs(llm, sequences)
+        fresh, _ = T.make_rollout_engine(os.path.join(work, "moved"), 256, "bfloat16", 0, gpu_memory_utilization=0.2)
+        expected = prompt_logprobs(fresh, sequences)
+        # same bf16 weights and kernels, batches of other shapes: far below the move's own size
+        gap, moved = float((after - expected).abs().mean()), float((before - expected).abs().mean())
+        return gap < 0.02 and gap < 0.1 * moved, (f"{len(expected)} tokens: mean |synced - fresh| {gap:.4f} nats "
+                                                 f"(bound 0.02), the move itself {moved:.3f}")
 
-    @check("1 trainer + 1 rollout process (2 GPUs), 3 DAPO steps", needs=("vllm",), gpus=2)
+    @check("1 trainer + 1 rollout process (2 GPUs), 3 DAPO steps, lr 1e-3", needs=("vllm",), gpus=2)
     def two_processes():
-        run_dir = os.path.join(work, "two")
-        two = smoke_config(path, run_dir, nproc_per_node=2, rollout_nodes=1, gpu_memory_utilization=0.85)
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_dapo.py"), *T.config_argv(two)],
-                              capture_output=True, text=True, timeout=900)
-        lines = open(os.path.join(run_dir, "metrics.jsonl")).readlines() if proc.returncode == 0 else []
-        return len(lines) == 3, f"exit {proc.returncode}, {len(lines)} steps logged" + (
-            "" if proc.returncode == 0 else " | " + proc.stderr[-300:].replace("\n", " "))
+        return launched(smoke_config(path, os.path.join(work, "two"), nproc_per_node=2, rollout_nodes=1,
+                                     gpu_memory_utilization=0.85, lr=1e-3))
+
+    @check("1 trainer + 1 engine tensor-parallel over 2 GPUs (3 GPUs), 3 DAPO steps, lr 1e-3", needs=("vllm",), gpus=3)
+    def tensor_parallel():
+        return launched(smoke_config(path, os.path.join(work, "tp2"), nproc_per_node=2, rollout_nodes=1,
+                                     tensor_parallel_size=2, gpu_memory_utilization=0.85, lr=1e-3))
 
     print("\n| check | result | detail |\n|---|---|---|")
     for name, status, detail in ROWS:

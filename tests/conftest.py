@@ -9,6 +9,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import subprocess  # noqa: E402
+import types  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -44,3 +45,41 @@ def tiny_model_dir(tmp_path_factory):
     """The demo's model, pre-trained briefly on clean data: ~17% held-out accuracy at T=1."""
     from demo.base_model import ensure_base_model
     return ensure_base_model(str(tmp_path_factory.mktemp("models") / "tiny"), steps=600, noise=0.0)
+
+
+def real_shaped_model(root, name: str, context: int = 131072) -> str:
+    """A model directory as a cluster holds it, for checks that read no weight: `name`'s
+    config.json (its real shape: heads, KV heads, widths, vocabulary; Qwen2.5's context) and
+    a safetensors file of one number standing for the weights."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config
+
+    from slurm.memory_budget import KNOWN_SHAPES
+    path = os.path.join(str(root), name.split("/")[-1])
+    Qwen2Config(**KNOWN_SHAPES[name], max_position_embeddings=context).save_pretrained(path)
+    save_file({"placeholder": torch.zeros(1)}, os.path.join(path, "model.safetensors"))
+    return path
+
+
+def start_run(model_dir: str, run_dir, total_steps: int) -> subprocess.Popen:
+    """Two trainers and a rollout process generating one step ahead, a checkpoint every step."""
+    return subprocess.Popen(
+        [sys.executable, "train_dapo.py", "--nproc_per_node", "3", "--rollout_nodes", "1", "--max_staleness", "1",
+         "--model_path", model_dir,
+         "--total_steps", str(total_steps), "--save_every", "1", "--prompts_per_step", "4", "--group_size", "8",
+         "--gen_prompts_per_round", "16", "--mini_batch_size", "16", "--val_data", "", "--wandb_mode", "disabled",
+         "--run_dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="session")
+def straight(tiny_model_dir, tmp_path_factory):
+    """start_run's layout (K = 1: a checkpoint holds a batch made ahead), 4 steps uninterrupted:
+    what every interrupted run must log (test_distributed.py), and checkpoints written by two
+    trainers (test_export.py). Its run_dir (checkpoints/step-3, step-4, final/) and metrics."""
+    from test_checkpoint import step_metrics
+    run_dir = tmp_path_factory.mktemp("straight")
+    proc = start_run(tiny_model_dir, run_dir, total_steps=4)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return types.SimpleNamespace(run_dir=run_dir, metrics=step_metrics(run_dir))

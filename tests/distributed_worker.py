@@ -7,10 +7,14 @@ update: every process a trainer; one DAPO update of a tiny Qwen2 sharded with FS
 grads:  every process a trainer; the full gradient of one DAPO update (FSDP2, compute in
         the dtype given; pi_old from the update's own pass if `reuse` follows) goes to OUT.
 sync:   trainers plus one rollout process. The trainers move their weights, sync them to
-        the engine, and save them; the driver writes the engine's greedy answers to OUT."""
+        the engine, and save them; the driver writes the engine's greedy answers to OUT.
+join:   one trainer and two rollout processes whose (fake) engines load in 0 and 4 s; the
+        driver opens the weight group and sends one bucket; each engine writes when it was
+        ready, when it was told to join, and what it received to OUT-<engine>.json."""
 import json
 import os
 import sys
+import time
 
 import torch
 from transformers import AutoTokenizer
@@ -108,6 +112,10 @@ def check_update(out: str) -> None:
     policy = tiny_policy()
     train_dapo.shard_policy(policy, torch.float32)
     metrics = update_policy_once(policy)
+    for p in policy.state_dict().values():  # the weight sync's gather: each shard cast where it lies, then gathered
+        cast = p.to(torch.bfloat16)
+        assert cast.placements == p.placements and cast.to_local().dtype == torch.bfloat16, cast
+        assert torch.equal(train_dapo.full_tensor(cast), p.full_tensor().to(torch.bfloat16))
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if torch.distributed.get_rank() == 0:
         torch.save({"weights": full, "metrics": metrics}, out)
@@ -146,12 +154,53 @@ def check_sync(out: str, model: str) -> None:
             json.dump({"greedy": [o.outputs[0].token_ids.tolist() for o in outs], **stats}, f)
 
 
+class SlowEngine:
+    """Stands in for a vLLM engine (serve()'s side of it) that took `load_s` to load, noting
+    when the driver's commands arrive; joins the weight group as a one-GPU engine's worker."""
+
+    def __init__(self, out: str, load_s: float):
+        time.sleep(load_s)
+        self.out, self.seen = out, {"ready": time.time()}
+
+    def collective_rpc(self, method: str, args=()):
+        self.seen[method] = time.time()
+        if method == "join_weight_group":
+            host, port, rank, world = args
+            self.group = train_dapo.weight_group(host, port, rank, world)
+        else:  # receive_weights: one bucket of (name, shape)
+            (bucket,), _ = args
+            flat = torch.empty(sum(n for _, (n,) in bucket))
+            self.group.broadcast(flat, 0).wait()
+            self.seen["received"] = flat.tolist()
+            with open(self.out, "w") as f:
+                json.dump(self.seen, f)
+        return [None]
+
+    def reset_prefix_cache(self) -> None:
+        pass
+
+
+def check_join(out: str) -> None:
+    cfg = resolve(Config(nproc_per_node=3, rollout_nodes=2, run_dir="unused"))
+    cluster = train_dapo.join_cluster(cfg)
+    if cluster.roles[cluster.rank] == "rollout":
+        engine = cluster.ranks("rollout").index(cluster.rank)
+        return train_dapo.serve(SlowEngine(f"{out}-{engine}.json", load_s=4.0 * engine), cluster)
+    llm = train_dapo.RemoteEngines(cfg, cluster)
+    llm.send("sync", [([[("w", [3])]], "float32")] * 2)
+    llm.weight_group.broadcast(torch.tensor([1.0, 2.0, 3.0]), 0).wait()
+    llm.receive("sync")
+    llm.stop()
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "update":
         check_update(out)
     elif mode == "grads":
         check_grads(out, sys.argv[3], reuse=sys.argv[4:] == ["reuse"])
+    elif mode == "join":
+        check_join(out)
     else:
         check_sync(out, sys.argv[3])
     train_dapo.leave_cluster()

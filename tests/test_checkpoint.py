@@ -63,7 +63,7 @@ def test_round_trip_restores_everything_and_keeps_the_last_k(tmp_path):
     for step in (1, 2, 3):
         train_one_step(model, optimizer, scheduler)
         sampler.next(3)
-        save_checkpoint(cfg, step, model, optimizer, scheduler, sampler, generator)
+        save_checkpoint(cfg, step, model, build_tokenizer(), optimizer, scheduler, sampler, generator)
     assert [os.path.basename(p) for p in checkpoint_dirs(tmp_path)] == ["step-2", "step-3"]
     copy = torch.Generator()
     copy.set_state(generator.get_state())
@@ -84,7 +84,7 @@ def test_round_trip_restores_everything_and_keeps_the_last_k(tmp_path):
 def test_a_checkpoint_of_another_config_or_shape_is_refused_by_name(tmp_path):
     cfg, model, optimizer, scheduler, sampler, generator = tiny_state()
     cfg.run_dir = str(tmp_path)
-    save_checkpoint(cfg, 1, model, optimizer, scheduler, sampler, generator)
+    save_checkpoint(cfg, 1, model, build_tokenizer(), optimizer, scheduler, sampler, generator)
     path = checkpoint_dirs(tmp_path)[-1]
     other = resolve(Config(run_dir=str(tmp_path), eps_high=0.3, total_steps=999))  # total_steps may change
     with pytest.raises(RunError, match=r"eps_high: checkpoint 0\.28, now 0\.3") as e:
@@ -99,12 +99,13 @@ KILLED_WRITER = """
 import sys, time, torch
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
+from demo.base_model import build_tokenizer
 from test_checkpoint import tiny_state, train_one_step
 from train_dapo import save_checkpoint
 cfg, model, optimizer, scheduler, sampler, generator = tiny_state()
 cfg.run_dir = {run_dir!r}
 train_one_step(model, optimizer, scheduler)
-save_checkpoint(cfg, 2, model, optimizer, scheduler, sampler, generator)
+save_checkpoint(cfg, 2, model, build_tokenizer(), optimizer, scheduler, sampler, generator)
 train_one_step(model, optimizer, scheduler)
 real_save = torch.save
 def slow_save(*a, **k):
@@ -112,7 +113,7 @@ def slow_save(*a, **k):
     time.sleep(60)
     real_save(*a, **k)
 torch.save = slow_save
-save_checkpoint(cfg, 4, model, optimizer, scheduler, sampler, generator)
+save_checkpoint(cfg, 4, model, build_tokenizer(), optimizer, scheduler, sampler, generator)
 """
 
 

@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 
+from conftest import start_run
 from distributed_worker import PROMPTS, tiny_policy, update_policy_once
-from train_dapo import Cluster, make_rollout_engine, process_roles
+from train_dapo import HANG_TIMEOUT, Cluster, make_rollout_engine, process_roles, weight_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
@@ -70,25 +71,25 @@ def test_synced_engine_answers_like_a_fresh_engine_from_the_saved_weights(tiny_m
     assert synced["greedy"] != greedy(base)  # the sync moved the engine off the base weights
 
 
-def start_run(model_dir: str, run_dir, total_steps: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "train_dapo.py", "--nproc_per_node", "3", "--rollout_nodes", "1", "--max_staleness", "1",
-         "--model_path", model_dir,
-         "--total_steps", str(total_steps), "--save_every", "1", "--prompts_per_step", "4", "--group_size", "8",
-         "--gen_prompts_per_round", "16", "--mini_batch_size", "16", "--val_data", "", "--wandb_mode", "disabled",
-         "--run_dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_every_engine_is_loaded_before_any_joins_the_weight_group(tmp_path):
+    """Engines that finish loading 4 s apart (minutes, at 32B): the first is told to join only
+    once the last is ready, so no member waits on the group's rendezvous for another's
+    loading; then a bucket reaches both."""
+    torchrun(3, "join", str(tmp_path / "engine"))
+    engines = [json.load(open(tmp_path / f"engine-{i}.json")) for i in range(2)]
+    assert engines[1]["ready"] - engines[0]["ready"] > 3  # they did start apart
+    last_ready = max(e["ready"] for e in engines)
+    assert all(e["join_weight_group"] >= last_ready for e in engines), engines
+    assert all(e["received"] == [1.0, 2.0, 3.0] for e in engines)
 
 
-@pytest.fixture(scope="module")
-def straight(tiny_model_dir, tmp_path_factory):
-    """Two trainers and a rollout process generating one step ahead (K = 1: a checkpoint holds
-    a batch made ahead), 4 steps uninterrupted: what every interrupted run must log."""
-    from test_checkpoint import step_metrics
-    run_dir = tmp_path_factory.mktemp("straight")
-    proc = start_run(tiny_model_dir, run_dir, total_steps=4)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    return step_metrics(run_dir)
+def test_the_weight_group_waits_as_long_as_the_run(monkeypatch):
+    import vllm.distributed.utils
+    seen = {}
+    monkeypatch.setattr(vllm.distributed.utils, "stateless_init_torch_distributed_process_group",
+                        lambda *args, **kwargs: seen.update(kwargs))
+    weight_group("localhost", 1, 0, 2)
+    assert seen["timeout"] == HANG_TIMEOUT  # not the backend's default (NCCL: 10 minutes)
 
 
 def test_a_killed_engine_ends_the_job_naming_it_and_the_rerun_matches(tiny_model_dir, tmp_path, straight):
@@ -115,7 +116,7 @@ def test_a_killed_engine_ends_the_job_naming_it_and_the_rerun_matches(tiny_model
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints' / f'step-{last}'}" in out
-    assert step_metrics(tmp_path) == straight
+    assert step_metrics(tmp_path) == straight.metrics
     assert (tmp_path / "final" / "model.safetensors").exists()
 
 
@@ -173,7 +174,7 @@ def test_a_killed_launcher_takes_its_processes_along_and_the_rerun_matches(tiny_
     rerun = start_run(tiny_model_dir, run_dir, total_steps=4)
     out, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0 and "resumed from" in out, err[-3000:]
-    assert step_metrics(run_dir) == straight
+    assert step_metrics(run_dir) == straight.metrics
 
 
 def test_a_run_directory_has_one_writer_and_a_dead_ones_claim_lapses(tiny_model_dir, tmp_path):

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from conftest import real_shaped_model
 from test_checkpoint import step_metrics
 from train_dapo import checkpoint_dirs, parse_config, process_roles
 
@@ -128,8 +129,7 @@ def test_the_32b_launch_script_asks_for_the_papers_layout(tmp_path):
     missing = subprocess.run(["bash", "slurm/qwen2.5-32b.sh"], cwd=ROOT, capture_output=True, text=True,
                              env=os.environ | {"PYTHON": str(echo), "MODEL": str(model)})
     assert missing.returncode == 1 and "hf download Qwen/Qwen2.5-32B" in missing.stderr  # a path, never a hub name
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 131072}))
+    real_shaped_model(tmp_path, "Qwen/Qwen2.5-32B")
     data = [tmp_path / "train.jsonl", tmp_path / "aime.jsonl"]
     for path in data:  # one row each: an empty data file is refused
         path.write_text(json.dumps({"problem": "What is 1+1?", "answer": "2"}) + "\n")

@@ -1,5 +1,8 @@
+import multiprocessing
 import os
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
 
@@ -70,7 +73,8 @@ def test_hostile_inputs_score_in_bounded_time(response):
     out = compute_score(response, "5")
     assert time.perf_counter() - t0 < reward.VERIFY_STAGES * reward.VERIFY_TIMEOUT_S + 1
     correct = isinstance(response, str) and response.endswith("\nAnswer: 5")
-    assert out == {"score": 1.0 if correct else -1.0, "acc": correct, "pred": "5" if correct else out["pred"]}
+    assert out["score"] == (1.0 if correct else -1.0) and out["acc"] is correct
+    assert not correct or (out["pred"] == "5" and out["timeout"] is False)
 
 
 # Single-line answers beyond integers, in the style of math-verify's own test cases: tuples,
@@ -156,3 +160,56 @@ def test_without_math_verify_the_reward_refuses_to_load():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode != 0 and "reward.py needs math-verify" in proc.stderr
+
+
+LABELLED = ([(response, gold, acc) for response, gold, acc in CASES]
+            + [(f"Answer: {answer}", gold, eq) for answer, gold, eq in BEYOND_INTEGERS]
+            + [(f"worked steps\nAnswer: {line}", gold, eq) for line, gold, eq in ANSWER_LINES])
+OUT_OF_TIME = "Answer: (10^{100})!"  # a hostile input that no machine checks within a stage
+HOSTILE_LABELLED = [(response, "5", isinstance(response, str) and response.endswith("\nAnswer: 5"))
+                    for response in HOSTILE]
+
+
+def timed_scores(pairs):
+    """compute_score of each (response, gold), with the seconds it took."""
+    scored = []
+    for response, gold in pairs:
+        t0 = time.perf_counter()
+        scored.append((compute_score(response, gold), time.perf_counter() - t0))
+    return scored
+
+
+def test_scores_are_equal_in_the_main_thread_another_thread_and_a_worker_process():
+    """Every labelled answer and every hostile input, scored in the three places at once: the
+    label in each, each call within the bound, and a check cut short counted in each."""
+    assert OUT_OF_TIME in HOSTILE
+    cases = LABELLED + HOSTILE_LABELLED
+    pairs = [(response, gold) for response, gold, _ in cases]
+    with ThreadPoolExecutor(1) as thread, \
+            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as process:
+        elsewhere = {"thread": thread.submit(timed_scores, pairs), "process": process.submit(timed_scores, pairs)}
+        places = {"main": timed_scores(pairs)} | {place: future.result() for place, future in elsewhere.items()}
+    bound = reward.VERIFY_STAGES * reward.VERIFY_TIMEOUT_S + 1
+    for place, scored in places.items():
+        for i, ((response, gold, acc), (out, seconds)) in enumerate(zip(cases, scored)):
+            where = (place, str(response)[:60], gold)
+            assert out["acc"] is acc and out["score"] == (1.0 if acc else -1.0), where
+            assert seconds < bound, where
+            if i < len(LABELLED) or response == OUT_OF_TIME:  # the rest of HOSTILE may finish in time
+                assert out["timeout"] is (response == OUT_OF_TIME), where
+    preds = {place: [out["pred"] for out, _ in scored] for place, scored in places.items()}
+    assert preds["main"] == preds["thread"] == preds["process"]
+
+
+def test_a_checker_past_the_budget_is_killed_and_replaced(monkeypatch):
+    """Off the main thread the bound is the checker's kill: past CHECK_BUDGET_S (shortened here)
+    the check ends as a timeout, and the next check gets a new checker."""
+    monkeypatch.setattr(reward, "CHECK_BUDGET_S", 0.5)
+    scored = {}
+    thread = threading.Thread(target=lambda: scored.update(
+        slow=timed_scores([(OUT_OF_TIME, "5")])[0], after=compute_score("Answer: x^2+2x+1", "(x+1)^2")))
+    thread.start()
+    thread.join()
+    (out, seconds), after = scored["slow"], scored["after"]
+    assert out["timeout"] is True and out["score"] == -1.0 and seconds < 1.5
+    assert after["score"] == 1.0 and after["timeout"] is False
