@@ -1716,10 +1716,14 @@ def claim_run_dir(run_dir: str):
 
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is refused.
+# The layout is among them: DCP reshards the model and optimizer over however many trainers
+# load them (a requeue onto fewer nodes, a debug run from a big run's checkpoint).
 RESUMABLE_FIELDS = {"run_dir", "total_steps", "wandb_mode", "save_every", "save_every_min", "keep_checkpoints",
                     "val_every", "val_samples", "val_max_problems", "submit", "slurm_partition", "slurm_account",
                     "slurm_time_min", "slurm_signal_lead_s", "slurm_gpus_per_node", "slurm_cpus_per_task",
-                    "slurm_mem", "slurm_constraint", "slurm_max_timeouts"}
+                    "slurm_mem", "slurm_constraint", "slurm_max_timeouts", "slurm_nodes", "nproc_per_node",
+                    "rollout_nodes", "tensor_parallel_size", "gpu_memory_utilization", "weight_sync_bucket_mb",
+                    "reward_workers", "micro_batch_tokens", "gradient_checkpointing"}
 EXIT_PREEMPTED = 3  # exit status of a run stopped by USR2 after checkpointing: restart it to resume
 EXIT_USER_ERROR = 4  # a process stopped on a RunError, already reported by trainer 0
 
@@ -1835,7 +1839,10 @@ def load_checkpoint(cfg: Config, path: str, policy, optimizer, scheduler, sample
         sampler.order = sampler.permutation()
     if ahead is not None:
         ahead.update(trainer["ahead"])
-    rng = torch.load(os.path.join(path, f"rng-{trainer_rank_and_count()[0]}.pt"), weights_only=False)
+    rng_file = os.path.join(path, f"rng-{trainer_rank_and_count()[0]}.pt")
+    if not os.path.exists(rng_file):  # more trainers now than wrote it: what matters, the update order's
+        rng_file = os.path.join(path, "rng-0.pt")  # generator, is the same on every trainer (one seed)
+    rng = torch.load(rng_file, weights_only=False)
     generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch_rng"])
     random.setstate(rng["python_rng"])

@@ -8,6 +8,9 @@ grads:  every process a trainer; the full gradient of one DAPO update (FSDP2, co
         the dtype given; pi_old from the update's own pass if `reuse` follows) goes to OUT.
 sync:   trainers plus one rollout process. The trainers move their weights, sync them to
         the engine, and save them; the driver writes the engine's greedy answers to OUT.
+save:   every process a trainer; one DAPO update, then a checkpoint in OUT/run and the full
+        weights and optimizer state in OUT/saved.pt. load: a checkpoint of OUT/run read by
+        as many trainers as this launch has; their full state to OUT/loaded-<trainers>.pt.
 join:   one trainer and two rollout processes whose (fake) engines load in 0 and 4 s; the
         driver opens the weight group and sends one bucket; each engine writes when it was
         ready, when it was told to join, and what it received to OUT-<engine>.json."""
@@ -154,6 +157,34 @@ def check_sync(out: str, model: str) -> None:
             json.dump({"greedy": [o.outputs[0].token_ids.tolist() for o in outs], **stats}, f)
 
 
+def full_state(policy: Policy, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model, optim = get_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"model": model, "optimizer": optim}
+
+
+def reshard_state(out: str, save: bool) -> None:
+    cluster = train_dapo.join_cluster(resolve(Config(run_dir="unused")))
+    cfg, trainers = update_config(), len(cluster.roles)
+    cfg.run_dir, cfg.nproc_per_node = os.path.join(out, "run"), trainers  # a layout of its own, as a requeue has
+    policy = tiny_policy()
+    train_dapo.shard_policy(policy, torch.float32)
+    optimizer, scheduler = train_dapo.make_optimizer(cfg, policy)
+    sampler, generator = train_dapo.PromptSampler([{}] * 5, seed=0), torch.Generator().manual_seed(0)
+    if save:
+        batch = update_batch()
+        train_dapo.compute_old_logprobs(cfg, policy, batch)
+        train_dapo.update_policy(cfg, policy, optimizer, batch, generator)
+        train_dapo.save_checkpoint(cfg, 1, policy, build_tokenizer(), optimizer, scheduler, sampler, generator)
+    else:
+        train_dapo.load_checkpoint(cfg, train_dapo.checkpoint_dirs(cfg.run_dir)[-1], policy, optimizer, scheduler,
+                                   sampler, generator)
+    state = full_state(policy, optimizer)
+    if cluster.rank == 0:
+        torch.save(state | {"generator": generator.get_state()},
+                   os.path.join(out, "saved.pt" if save else f"loaded-{trainers}.pt"))
+
+
 class SlowEngine:
     """Stands in for a vLLM engine (serve()'s side of it) that took `load_s` to load, noting
     when the driver's commands arrive; joins the weight group as a one-GPU engine's worker."""
@@ -201,6 +232,8 @@ if __name__ == "__main__":
         check_grads(out, sys.argv[3], reuse=sys.argv[4:] == ["reuse"])
     elif mode == "join":
         check_join(out)
+    elif mode in ("save", "load"):
+        reshard_state(out, save=mode == "save")
     else:
         check_sync(out, sys.argv[3])
     train_dapo.leave_cluster()

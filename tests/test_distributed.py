@@ -71,6 +71,26 @@ def test_synced_engine_answers_like_a_fresh_engine_from_the_saved_weights(tiny_m
     assert synced["greedy"] != greedy(base)  # the sync moved the engine off the base weights
 
 
+def test_a_checkpoint_of_two_trainers_loads_exactly_on_one_and_on_three(tmp_path):
+    """DCP reshards: the weights and AdamW state two trainers saved after an update are what
+    one trainer, and three (uneven shards of 64-row matrices), hold after loading them; the
+    update order's generator carries over (a third trainer takes trainer 0's)."""
+    torchrun(2, "save", str(tmp_path))
+    saved = torch.load(tmp_path / "saved.pt", weights_only=False)
+    assert any(float(v["exp_avg"].abs().sum()) > 0 for v in saved["optimizer"]["state"].values())  # a real state
+    for trainers in (1, 3):
+        torchrun(trainers, "load", str(tmp_path))
+        loaded = torch.load(tmp_path / f"loaded-{trainers}.pt", weights_only=False)
+        assert torch.equal(loaded["generator"], saved["generator"])
+        assert saved["model"].keys() == loaded["model"].keys()
+        for name, weight in saved["model"].items():
+            assert torch.equal(loaded["model"][name], weight), (trainers, name)
+        assert saved["optimizer"]["state"].keys() == loaded["optimizer"]["state"].keys()
+        for name, moments in saved["optimizer"]["state"].items():
+            for key, value in moments.items():
+                assert torch.equal(loaded["optimizer"]["state"][name][key], value), (trainers, name, key)
+
+
 def test_every_engine_is_loaded_before_any_joins_the_weight_group(tmp_path):
     """Engines that finish loading 4 s apart (minutes, at 32B): the first is told to join only
     once the last is ready, so no member waits on the group's rendezvous for another's

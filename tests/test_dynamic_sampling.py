@@ -139,3 +139,23 @@ def test_compact_keeps_what_the_trainer_reads_of_vllms_outputs():
     (c,) = request.outputs
     assert c.token_ids.dtype == np.int32 and c.token_ids.tolist() == [4, 9, 2]
     assert c.logprobs.tolist() == [-0.5, -0.25, -1.0] and (c.text, c.finish_reason) == ("Answer: 7", "stop")
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_per_request_seeds_are_a_switch(seeded):
+    """On: each prompt's request its own seed (sample j of prompt i draws from seed + i * G + j);
+    off: none, vLLM's engine-wide generator samples."""
+    from types import SimpleNamespace
+    seen = []
+
+    class Engine:
+        def generate(self, prompts, params, use_tqdm=False):
+            seen.extend(params)
+            reply = SimpleNamespace(token_ids=[5, 6], logprobs=[{5: SimpleNamespace(logprob=-1.0)},
+                                                                {6: SimpleNamespace(logprob=-2.0)}],
+                                    text="Answer: 7", finish_reason="stop")
+            return [SimpleNamespace(outputs=[reply] * G) for _ in prompts]
+    cfg = config(per_request_seeds=seeded)
+    groups = train_dapo.generate(Engine(), cfg, scripted_rows([1, 2, 3]), seed=1000)
+    assert [p.seed for p in seen] == ([1000, 1000 + G, 1000 + 2 * G] if seeded else [None] * 3)
+    assert [len(g) for g in groups] == [G] * 3 and groups[0][0]["vllm_logprobs"].tolist() == [-1.0, -2.0]

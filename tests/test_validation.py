@@ -21,7 +21,7 @@ BAD = {  # one bad value for every field that has one
     "slurm_nodes": "0", "slurm_max_timeouts": "-1", "nproc_per_node": "0", "rollout_nodes": "-1",
     "weight_sync_bucket_mb": "0", "model_path": "/nonexistent/dir", "train_data": "/nonexistent/train.jsonl",
     "val_data": "missing/val.parquet", "max_prompt_len": "300", "max_response_len": "0", "compute_dtype": "float8",
-    "prompts_per_step": "0", "group_size": "1", "temperature": "0", "top_p": "1.5", "gen_prompts_per_round": "0",
+    "prompts_per_step": "0", "group_size": "1", "temperature": "0", "top_p": "1.5", "per_request_seeds": "perhaps", "gen_prompts_per_round": "0",
     "max_gen_rounds": "0", "reward_workers": "-1", "dtype": "float8", "tensor_parallel_size": "0",
     "gpu_memory_utilization": "1.5", "max_staleness": "-1", "tis": "sometimes", "tis_cap": "0.5", "eps_low": "1.0", "eps_high": "-0.1", "dual_clip_c": "0.5",
     "loss_agg_mode": "foo", "dynamic_sampling": "perhaps", "overlong_filtering": "perhaps",
