@@ -326,7 +326,7 @@ def score_responses(cfg: Config, rows: list[dict], responses: list[list[dict]], 
             if cfg.overlong_punishment else [0.0] * len(group)
         for r, p in zip(group, penalty):
             score = next(scores)
-            r["acc"], r["reward"] = score["acc"], score["score"] + p
+            r["acc"], r["reward"], r["timeout"] = score["acc"], score["score"] + p, score["timeout"]
 
 
 # =============================================================================== Advantages and loss
@@ -738,6 +738,7 @@ def rollout_metrics(cfg: Config, all_groups, rollout) -> dict:
             "reward/train_batch_mean": float(rollout["rewards"].mean()),
             "response/length_mean": float(lengths.mean()), "response/length_max": int(lengths.max()),
             "response/truncated_share": float(np.mean([r["truncated"] for r in responses])),
+            "reward/timeouts": sum(r["timeout"] for r in responses),  # checks cut short: -1 without a verdict
             "rollout_tokens": int(lengths.sum())}
 
 
@@ -1528,8 +1529,7 @@ class Rollouts:
 
 def scoring_pool(workers: int):
     """Processes that check answers in parallel (None: check them in this one). Each starts
-    from a fork server, clean of this process's threads; reward.py's time budget holds in
-    each, as every check runs in its worker's main thread."""
+    from a fork server, clean of this process's threads."""
     if workers == 0:
         return None
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
@@ -1617,8 +1617,7 @@ def start_up(cfg: Config, cluster: Cluster):
     if cluster.rank > 0:
         return tokenizer, policy, None
     llm = llm or RemoteEngines(cfg, cluster)
-    # math-verify's time budget needs a main thread: batches made in the rollout thread are scored in a worker
-    pool = scoring_pool(cfg.reward_workers or int(cfg.max_staleness > 0))
+    pool = scoring_pool(cfg.reward_workers)  # none: the driver scores, in any thread (reward.py bounds it there too)
     print(f"run dir {cfg.run_dir} | model {model_path} | {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M"
           f" parameters | {len(cluster.ranks('trainer'))} trainer(s), {len(cluster.ranks('rollout'))} rollout "
           f"process(es) | {len(sampler.rows)} train prompts, {len(val_rows)} held out", flush=True)

@@ -123,7 +123,7 @@ def export(checkpoint: str, out: str) -> torch.dtype:
     # each from the shards of however many trainers wrote it, casting as it copies.
     stored = dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
     state = {"model": {k.removeprefix("model."): torch.empty(m.size, dtype=dtype)
-                       for k, m in stored.items() if k.startswith("model.")}}
+                       for k, m in stored.items() if k.startswith("model.") and "lm_head" not in k}}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=checkpoint, no_dist=True)

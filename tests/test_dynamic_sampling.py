@@ -159,3 +159,16 @@ def test_per_request_seeds_are_a_switch(seeded):
     groups = train_dapo.generate(Engine(), cfg, scripted_rows([1, 2, 3]), seed=1000)
     assert [p.seed for p in seen] == ([1000, 1000 + G, 1000 + 2 * G] if seeded else [None] * 3)
     assert [len(g) for g in groups] == [G] * 3 and groups[0][0]["vllm_logprobs"].tolist() == [-1.0, -2.0]
+
+
+def test_checks_cut_short_are_counted_in_the_steps_metrics(monkeypatch):
+    """A check that ran out of time scores -1 without a verdict: counted in reward/timeouts."""
+    def compute_score(text, answer):
+        return {"score": -1.0, "acc": False, "pred": None, "timeout": "slow" in text}
+    monkeypatch.setattr(train_dapo, "compute_score", compute_score)
+    cfg = config(prompts_per_step=2, max_response_len=8, overlong_cache_len=4)
+    groups = [[{"text": "slow" if (g, k) in {(0, 1), (1, 0), (1, 3)} else "Answer: 8", "response_ids": [5] * 3,
+                "truncated": False, "vllm_logprobs": [-0.5] * 3} for k in range(G)] for g in range(2)]
+    train_dapo.score_responses(cfg, [{"answer": "7"}] * 2, groups)
+    rollout = rollout_arrays([{"prompt_ids": [1]}] * 2, groups)
+    assert train_dapo.rollout_metrics(cfg, groups, rollout)["reward/timeouts"] == 3

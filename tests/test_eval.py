@@ -110,13 +110,14 @@ def test_a_job_must_say_how_many_gpus_it_needs(tiny_model_dir):
     assert proc.returncode != 0 and "--submit needs --gpus N" in proc.stderr
 
 
-def test_eval_never_imports_the_trainer():
-    """The dependency runs one way: train_dapo.py uses eval/evaluate.py, not back."""
+@pytest.mark.parametrize("name, uses", [("evaluate.py", "reward"), ("export.py", "torch.distributed.checkpoint")])
+def test_eval_never_imports_the_trainer(name, uses):
+    """The dependency runs one way: train_dapo.py uses eval/, not back."""
     import ast
-    tree = ast.parse(open(os.path.join(ROOT, "eval", "evaluate.py")).read())
+    tree = ast.parse(open(os.path.join(ROOT, "eval", name)).read())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert "train_dapo" not in imported and "reward" in imported
+    assert "train_dapo" not in imported and uses in imported
 
 
 def test_seeded_samples_of_prompts_split_across_engine_steps_work_on_cpu(tiny_model_dir):

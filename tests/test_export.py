@@ -2,6 +2,7 @@
 checkpoints/step-N, written by one trainer or by two, which transformers and vLLM load and
 which computes what the saved policy computed; eval/evaluate.py takes a checkpoint or a run
 directory and records what moves its number; bad input is named in one line, nothing written."""
+import filecmp
 import hashlib
 import json
 import os
@@ -17,17 +18,19 @@ from eval import evaluate, export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # vLLM against the saved policy, per token: both in fp32, differing only in their kernels'
-# order of summation (vLLM's CPU attention and GEMMs, torch's sdpa), about 1e-6 nats here;
-# one DAPO step moves these log-probs by more than 1e-2, so a wrong step or weight fails.
+# order of summation (vLLM's CPU attention and GEMMs, torch's sdpa): 1e-6 to 1e-5 nats here.
+# One DAPO step moves these log-probs by more than 1e-1, so a wrong step or weight fails.
 VLLM_BOUND = 1e-4
 
 
 def tied_model(tiny_model_dir: str, out) -> str:
-    """The demo model with its LM head tied to the embedding, as small Qwen2.5 models have it."""
+    """The demo model with its LM head tied to the embedding, as small Qwen2.5 models have it,
+    and a generation config of its own, not the one transformers derives from the config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     lm.config.tie_word_embeddings = True
     lm.lm_head.weight = lm.model.embed_tokens.weight
+    lm.generation_config.max_length = 77
     lm.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return str(out)
@@ -81,12 +84,15 @@ def vllm_logprobs(model_dir: str, prompts, responses) -> torch.Tensor:
 
 
 def check_round_trip(run_dir, last: str, earlier: str, saved_logprobs=None) -> None:
-    """`last` (the run's last checkpoint, exported) computes what final/ computes: final/ is
-    the driver's save_hf of the very policy that checkpoint saved, in fp32, so through
-    transformers the logits are equal bit for bit; through vLLM the log-probs are within
-    VLLM_BOUND of the saved policy's (`saved_logprobs`, else final/'s through transformers).
-    `earlier` (another step, exported) does not."""
+    """`last` (the run's last checkpoint, exported) is final/, the driver's save_hf of the very
+    policy that checkpoint saved: in fp32, byte for byte (weights, config, generation config,
+    tokenizer), so through transformers the logits are equal bit for bit; through vLLM the
+    log-probs are within VLLM_BOUND of the saved policy's (`saved_logprobs`, else final/'s
+    through transformers). `earlier` (another step, exported) is not."""
     final = os.path.join(run_dir, "final")
+    assert sorted(os.listdir(last)) == sorted(os.listdir(final))
+    for name in os.listdir(final):
+        assert filecmp.cmp(os.path.join(last, name), os.path.join(final, name), shallow=False), name
     prompts, responses = prompts_and_responses(last)
     reference = hf_logits(final, prompts, responses)
     for mine, theirs in zip(hf_logits(last, prompts, responses), reference):
@@ -94,11 +100,9 @@ def check_round_trip(run_dir, last: str, earlier: str, saved_logprobs=None) -> N
     if saved_logprobs is None:
         saved_logprobs = response_logprobs(reference, prompts, responses)
     gap = (vllm_logprobs(last, prompts, responses) - saved_logprobs).abs().max()
-    print("MEASURE vllm gap", float(gap))
     assert gap < VLLM_BOUND, gap
     # ...and each comparison can fail: an earlier step's weights are well past both bounds
     other = hf_logits(earlier, prompts, responses)
-    print("MEASURE step logits", float(max((a - b).abs().max() for a, b in zip(other, reference))), "lp", float((response_logprobs(other, prompts, responses) - saved_logprobs).abs().max()), "ref-vs-saved", float((response_logprobs(reference, prompts, responses) - saved_logprobs).abs().max()))
     assert max((a - b).abs().max() for a, b in zip(other, reference)) > 1e-3
     assert (response_logprobs(other, prompts, responses) - saved_logprobs).abs().max() > 100 * VLLM_BOUND
 

@@ -186,7 +186,7 @@ def misscored(cases, scored):
     return [(str(response)[:60], gold, out, round(seconds, 2))
             for i, ((response, gold, acc), (out, seconds)) in enumerate(zip(cases, scored))
             if (out["acc"], out["score"]) != (acc, 1.0 if acc else -1.0) or seconds >= bound
-            or (i < len(LABELLED) or response == OUT_OF_TIME) and out["timeout"] is not (response == OUT_OF_TIME)]
+            or ((i < len(LABELLED) or response == OUT_OF_TIME) and out["timeout"] is not (response == OUT_OF_TIME))]
 
 
 def test_scores_are_equal_in_the_main_thread_another_thread_and_a_worker_process():
@@ -205,14 +205,15 @@ def test_scores_are_equal_in_the_main_thread_another_thread_and_a_worker_process
 
 
 def test_a_checker_past_the_budget_is_killed_and_replaced(monkeypatch):
-    """Off the main thread the bound is the checker's kill: past CHECK_BUDGET_S (shortened here)
-    the check ends as a timeout, and the next check gets a new checker."""
+    """Off the main thread the bound is the checker's kill: past CHECK_BUDGET_S (shortened here,
+    below the 2 s a stage's own alarm takes) the check ends as a timeout, and the next check gets
+    a new checker. The first check starts one, so that the timed one is timed from a ready one."""
     monkeypatch.setattr(reward, "CHECK_BUDGET_S", 0.5)
-    scored = {}
-    thread = threading.Thread(target=lambda: scored.update(
-        slow=timed_scores([(OUT_OF_TIME, "5")])[0], after=compute_score("Answer: x^2+2x+1", "(x+1)^2")))
+    pairs = [("Answer: (8,-2)", "(8, -2)"), (OUT_OF_TIME, "5"), ("Answer: x^2+2x+1", "(x+1)^2")]
+    scored = []
+    thread = threading.Thread(target=lambda: scored.extend(timed_scores(pairs)))
     thread.start()
     thread.join()
-    (out, seconds), after = scored["slow"], scored["after"]
-    assert out["timeout"] is True and out["score"] == -1.0 and seconds < 1.5
-    assert after["score"] == 1.0 and after["timeout"] is False
+    (ready, _), (out, seconds), (after, _) = scored
+    assert out["timeout"] is True and out["score"] == -1.0 and seconds < reward.CHECK_BUDGET_S + 1
+    assert [ready["score"], ready["timeout"], after["score"], after["timeout"]] == [1.0, False, 1.0, False]
