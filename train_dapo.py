@@ -69,7 +69,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -221,6 +221,11 @@ class Config:
     lives in trainer 0's process"""
     weight_sync_bucket_mb: int = 256
     """weights travel to the engines in broadcasts of about this many MB"""
+    stall_timeout_min: float = 30.0
+    """a process that stops answering without dying (a dead one is caught in seconds) ends the run, named,
+    after this long: the driver's wait on an engine's reply, while the others wait on the driver twice as
+    long, so the driver names an engine first. It must cover a step's generation, a validation and a
+    checkpoint, and twice it an engine's loading, which the trainers wait through (--preset paper: 360)"""
 
     # ---- launch (Submitit: Slurm where present, else a local process)
     submit: bool = False
@@ -259,7 +264,7 @@ PRESETS = {
                   dtype="bfloat16", tensor_parallel_size=8, lr=1e-6, warmup_steps=20,
                   mini_batch_size=512, micro_batch_tokens=24576, dual_clip_c=10.0, gradient_checkpointing=True,
                   val_every=5, val_samples=32, val_top_p=0.7, total_steps=400,
-                  save_every_min=60.0, slurm_signal_lead_s=5400, reward_workers=32),
+                  save_every_min=60.0, slurm_signal_lead_s=5400, reward_workers=32, stall_timeout_min=360.0),
     # One GPU, a small model (Qwen2.5-1.5B or -Math-1.5B), the engine beside the trainer. The context
     # (1,024 + 3,072) fits Qwen2.5-Math's 4,096; the engine takes 30% of the GPU, the trainer the rest
     # (slurm/memory_budget.py: 30 GB at 1.5B, plus 5-8 GB of slack: an 80 GB GPU holds both); lr and
@@ -269,7 +274,7 @@ PRESETS = {
                     dtype="bfloat16", gpu_memory_utilization=0.3, lr=1e-6, warmup_steps=10,
                     mini_batch_size=128, micro_batch_tokens=16384, dual_clip_c=10.0, gradient_checkpointing=True,
                     val_every=10, val_samples=16, val_top_p=0.7, total_steps=300,
-                    save_every_min=30.0, reward_workers=8),
+                    save_every_min=30.0, reward_workers=8, stall_timeout_min=60.0),
 }
 
 
@@ -862,6 +867,7 @@ def resolve(cfg: Config, check_model: bool = True) -> Config:
     need(cfg.dual_clip_c == 0 or cfg.dual_clip_c > 1, "dual_clip_c", "0 (off) or above 1")
     need(cfg.lr > 0, "lr", "must be positive")
     need(cfg.grad_clip > 0, "grad_clip", "must be positive")
+    need(cfg.stall_timeout_min > 0, "stall_timeout_min", "must be positive")
     need(cfg.group_size >= 2, "group_size", "needs at least 2 responses per prompt for a group baseline")
     need(cfg.prompts_per_step * cfg.group_size % cfg.mini_batch_size == 0, "mini_batch_size",
          f"must divide prompts_per_step x group_size = {cfg.prompts_per_step * cfg.group_size}")
@@ -1117,9 +1123,9 @@ def shard_policy(policy: Policy, dtype: torch.dtype) -> None:
 
 
 # =============================================================================== Processes and roles
-# Collectives may wait as long as a step takes (trainers while the driver generates, engines
-# while the trainers update; a paper step can take hours) and standby processes wait for the
-# whole run. A dead peer is caught by the launcher at once, so this bounds only a true hang.
+# A dead peer is caught by the launcher at once; a stalled one by --stall_timeout_min, which
+# bounds every wait but two that are unbounded by nature: standby processes wait for the whole
+# run, and the driver for the engines to load.
 HANG_TIMEOUT = timedelta(days=30)
 
 
@@ -1133,6 +1139,7 @@ class Cluster:
     roles: list[str] = dataclasses.field(default_factory=lambda: ["trainer"])
     rank: int = 0
     control: object = None
+    deadline: timedelta = timedelta(days=30)  # --stall_timeout_min: how long the driver waits on an engine
 
     def ranks(self, role: str) -> list[int]:
         return [r for r, x in enumerate(self.roles) if x == role]
@@ -1205,12 +1212,12 @@ def join_cluster(cfg: Config) -> Cluster:
     roles = process_roles(world, int(os.environ["LOCAL_WORLD_SIZE"]), cfg.rollout_nodes)
     take_gpus(cfg, roles, rank)
     cluster = Cluster(roles, rank, init_gloo_process_group(dist.PrefixStore("control", store), rank, world,
-                                                           HANG_TIMEOUT))
+                                                           HANG_TIMEOUT), timedelta(minutes=cfg.stall_timeout_min))
     print(f"{cluster.name(rank)} on {platform.node()}, pid {os.getpid()}", flush=True)
-    if roles[rank] == "trainer":  # FSDP's group: the trainers only
+    if roles[rank] == "trainer":  # FSDP's group: the trainers only (NCCL's watchdog ends a stalled one)
         dist.init_process_group(trainer_backend(), store=dist.PrefixStore("trainers", store),
                                 rank=cluster.ranks("trainer").index(rank), world_size=len(cluster.ranks("trainer")),
-                                timeout=HANG_TIMEOUT)
+                                timeout=2 * cluster.deadline)
     else:  # vLLM would take torch elastic's variables for its own world
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(name, None)
@@ -1238,17 +1245,17 @@ def leave_cluster() -> None:
         dist.destroy_process_group()
 
 
-def send_obj(group, obj, dst: int) -> None:
+def send_obj(group, obj, dst: int, timeout: timedelta = HANG_TIMEOUT) -> None:
     data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-    group.send([torch.tensor([len(data)])], dst, 0).wait()
-    group.send([data], dst, 0).wait()
+    group.send([torch.tensor([len(data)])], dst, 0).wait(timeout)
+    group.send([data], dst, 0).wait(timeout)
 
 
-def recv_obj(group, src: int):
+def recv_obj(group, src: int, timeout: timedelta = HANG_TIMEOUT):
     size = torch.zeros(1, dtype=torch.long)
-    group.recv([size], src, 0).wait()
+    group.recv([size], src, 0).wait(timeout)
     data = torch.empty(int(size), dtype=torch.uint8)
-    group.recv([data], src, 0).wait()
+    group.recv([data], src, 0).wait(timeout)
     return pickle.loads(data.numpy().tobytes())
 
 
@@ -1273,7 +1280,10 @@ def from_driver(obj):
     """The driver's `obj` on every trainer."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        try:
+            dist.broadcast_object_list(box, src=0)
+        except RuntimeError as e:
+            raise RuntimeError(f"trainer 0 (rank 0), the driver, died or stopped answering: {e}") from None
         return box[0]
     return obj
 
@@ -1327,7 +1337,10 @@ def serve_rollouts(cfg: Config, cluster: Cluster) -> None:
 def serve(llm, cluster: Cluster) -> None:
     """Answer the driver's commands with the loaded engine `llm` until told to stop."""
     while True:
-        command, payload = recv_obj(cluster.control, 0)
+        try:  # the driver may be waiting on another engine for its whole deadline meanwhile
+            command, payload = recv_obj(cluster.control, 0, 2 * cluster.deadline)
+        except RuntimeError as e:
+            raise RuntimeError(f"trainer 0 (rank 0), the driver, died or stopped answering: {e}") from None
         if command == "stop":
             return
         if command == "ready":  # answered once loaded (the driver's send waits until this loop runs)
@@ -1335,7 +1348,7 @@ def serve(llm, cluster: Cluster) -> None:
         elif command == "generate":
             reply = compact(llm.generate(*payload, use_tqdm=False))
         elif command == "join_weight_group":
-            reply = llm.collective_rpc("join_weight_group", args=payload)
+            reply = llm.collective_rpc("join_weight_group", args=(*payload, 2 * cluster.deadline))
         elif command == "sync":  # then drop the prefix cache: KV of the old weights would answer repeats
             reply = llm.collective_rpc("receive_weights", args=payload)
             llm.reset_prefix_cache()
@@ -1347,9 +1360,9 @@ class WeightReceiver:
     driver and all engine workers, then loads broadcast buckets into the model in place,
     as they arrive (vLLM's reload_weights reads them from an iterator)."""
 
-    def join_weight_group(self, host: str, port: int, first_rank: int, world: int) -> None:
+    def join_weight_group(self, host: str, port: int, first_rank: int, world: int, timeout: timedelta) -> None:
         from vllm.distributed.parallel_state import get_tp_group
-        self.weight_group = weight_group(host, port, first_rank + get_tp_group().rank_in_group, world)
+        self.weight_group = weight_group(host, port, first_rank + get_tp_group().rank_in_group, world, timeout)
 
     def receive_weights(self, plan: list[list[tuple[str, list[int]]]], dtype: str) -> None:
         def arriving():
@@ -1375,13 +1388,13 @@ class RemoteEngines:
         self.cluster, self.ranks = cluster, cluster.ranks("rollout")
         # Every engine loaded before any joins: the group's members wait for each other only
         # seconds, not the minutes between engines that load a 32B model at different speeds.
-        self.send("ready", [None] * len(self.ranks))
+        self.send("ready", [None] * len(self.ranks), HANG_TIMEOUT)  # however long loading takes
         self.receive("ready")
         # the address the launch agreed on (node 0's, where the driver runs): every node reached it
         host, port, tp = os.environ["MASTER_ADDR"], get_open_port(), cfg.tensor_parallel_size
         world = 1 + len(self.ranks) * tp
         self.send("join_weight_group", [(host, port, 1 + i * tp, world) for i in range(len(self.ranks))])
-        self.weight_group = weight_group(host, port, 0, world)
+        self.weight_group = weight_group(host, port, 0, world, 2 * cluster.deadline)
         self.receive("join_weight_group")
 
     def talk(self, command: str, rank: int, exchange):
@@ -1390,12 +1403,14 @@ class RemoteEngines:
         except RuntimeError as e:
             raise RuntimeError(f"{self.cluster.name(rank)} died or stopped answering during '{command}': {e}") from None
 
-    def send(self, command: str, payloads: list) -> None:
+    def send(self, command: str, payloads: list, timeout: timedelta | None = None) -> None:
         for rank, payload in zip(self.ranks, payloads):
-            self.talk(command, rank, lambda: send_obj(self.cluster.control, (command, payload), rank))
+            self.talk(command, rank, lambda: send_obj(self.cluster.control, (command, payload), rank,
+                                                      timeout or self.cluster.deadline))
 
     def receive(self, command: str) -> list:
-        return [self.talk(command, rank, lambda: recv_obj(self.cluster.control, rank)) for rank in self.ranks]
+        return [self.talk(command, rank, lambda: recv_obj(self.cluster.control, rank, self.cluster.deadline))
+                for rank in self.ranks]
 
     def generate(self, prompts: list, params, use_tqdm: bool = False) -> list:
         params = params if isinstance(params, list) else [params] * len(prompts)
@@ -1407,12 +1422,13 @@ class RemoteEngines:
         stop_engines(self.cluster)
 
 
-def weight_group(host: str, port: int, rank: int, world: int):
+def weight_group(host: str, port: int, rank: int, world: int, timeout: timedelta):
     """The driver's and every engine worker's group for the weights: NCCL between GPUs, gloo on
-    CPU, waiting as long as the run's other groups (the backend's default is 10 minutes)."""
+    CPU, waiting as long as the run's other groups (the backend's default, 10 minutes, is not
+    the run's)."""
     from vllm.distributed.utils import stateless_init_torch_distributed_process_group
     return stateless_init_torch_distributed_process_group(host, port, rank, world, "nccl" if torch.cuda.is_available()
-                                                          else "gloo", timeout=HANG_TIMEOUT)
+                                                          else "gloo", timeout=timeout)
 
 
 def stop_engines(cluster: Cluster) -> None:
@@ -1455,7 +1471,7 @@ def sync_weights(cfg: Config, llm, policy: Policy) -> dict:
         tensors = [full_tensor(state[name].to(dtype)) for name, _ in bucket]
         if remote:
             flat = torch.cat([t.flatten() for t in tensors])
-            llm.talk("sync", llm.ranks[0], lambda: llm.weight_group.broadcast(flat, 0).wait())
+            llm.talk("sync", llm.ranks[0], lambda: llm.weight_group.broadcast(flat, 0).wait(llm.cluster.deadline))
         elif llm is not None:
             in_process += [(name, t) for (name, _), t in zip(bucket, tensors)]
         nbytes += sum(t.numel() * t.element_size() for t in tensors)
@@ -1780,9 +1796,9 @@ def save_checkpoint(cfg: Config, step: int, policy, tokenizer, optimizer, schedu
                     ahead: dict | None = None) -> str:
     """Model and optimizer, sharded, through torch.distributed.checkpoint (each trainer
     writes its shards); every trainer's RNGs; the driver's scheduler, sampler position,
-    the batches made ahead (max_staleness: their weights are gone) and the config; the
-    model's HF config and tokenizer in model/, so that eval/export.py makes an HF model of
-    it from it alone. Written aside, then renamed once all of it is on disk."""
+    the batches made ahead (max_staleness: their weights are gone) and the config; in model/
+    the HF config, generation config and tokenizer, with which the checkpoint alone makes an
+    HF model (eval/export.py). Written aside, then renamed once all of it is on disk."""
     rank, _ = trainer_rank_and_count()
     path = os.path.join(cfg.run_dir, "checkpoints", f"step-{step}")
     if os.path.exists(path):  # already complete (written before a preemption cut the run short)
@@ -1802,7 +1818,8 @@ def save_checkpoint(cfg: Config, step: int, policy, tokenizer, optimizer, schedu
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"config": dataclasses.asdict(cfg),
                        "shapes": {k: list(v.shape) for k, v in policy.state_dict().items()}}, f, indent=1)
-        for part in (policy.lm.config, policy.lm.generation_config, tokenizer):  # generation_config: stop tokens
+        # what makes the shards an HF model (vLLM stops at the generation config's eos tokens)
+        for part in (policy.lm.config, policy.lm.generation_config, tokenizer):
             part.save_pretrained(os.path.join(tmp, "model"))
     barrier()
     if rank == 0:
@@ -1925,12 +1942,44 @@ def launch(cfg: Config, nnodes: int = 1, endpoint: str = "localhost:0", run_id: 
             preemption.hand_over()
         if any(f.exitcode == EXIT_USER_ERROR for f in e.failures.values()):
             raise SystemExit(EXIT_USER_ERROR) from None  # trainer 0 said why, in one line
-        cluster = Cluster(process_roles(nnodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes))
-        failed = [f"{cluster.name(rank)}, pid {f.pid}: " + (f"killed by {f.signal_name()}" if f.exitcode < 0
-                                                               else f"exit status {f.exitcode}")
-                  for rank, f in sorted(e.failures.items())]
-        raise SystemExit("the run stopped because " + "; ".join(failed) + ". Rerun the same command to resume "
-                         "from the last checkpoint.") from None
+        raise SystemExit(f"the run stopped because {first_failure(cfg, nnodes, e.failures)}. Rerun the same "
+                         "command to resume from the last checkpoint.") from None
+
+
+PEER = re.compile(r"(?:trainer|rollout engine|standby process) \d+ \(rank (\d+)\)")
+
+
+def first_failure(cfg: Config, nnodes: int, failures: dict) -> str:
+    """The process that stopped the run, as well as this node's launcher can tell, from
+    elastic's `failures` (by rank, with the errors run_process recorded). Nothing of the run
+    kills a process but the launcher, whose SIGTERMs end the rest once one failed; a process
+    that names a peer in its error (the driver names the engine it waited on, on any node)
+    is a witness. In that order: a process killed that a witness names (a stall ends so:
+    named by the driver, then killed by the launcher), one killed, one a witness names, the
+    first to fail."""
+    cluster = Cluster(process_roles(nnodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes))
+
+    def error(f) -> str:
+        message = f.message["message"] if isinstance(f.message, dict) else f.message
+        return message.splitlines()[0][:300] if message else ""
+
+    def fate(rank: int) -> str:
+        f = failures.get(rank)
+        if f is None:  # on another node
+            return f"{cluster.name(rank)} on node {rank // cfg.nproc_per_node + 1} of {nnodes} died or stopped answering"
+        how = f"killed by {f.signal_name()}" if f.exitcode < 0 else f"exit status {f.exitcode}: {error(f)}"
+        return f"{cluster.name(rank)} on {platform.node()}, pid {f.pid}: {how}"
+    killed = [r for r, f in sorted(failures.items()) if f.exitcode < 0 and -f.exitcode != signal.SIGTERM]
+    named = {}  # a named peer -> its first witness
+    for rank, f in sorted(failures.items()):
+        peer = PEER.search(error(f))
+        if peer and int(peer.group(1)) != rank:
+            named.setdefault(int(peer.group(1)), rank)
+    suspects = [r for r in killed if r in named] + killed[:1] + list(named)[:1]
+    if not suspects:
+        return fate(min(failures, key=lambda r: (failures[r].exitcode < 0, r)))
+    witness = named.get(suspects[0])
+    return fate(suspects[0]) + (f" ({cluster.name(witness)}: {error(failures[witness])})" if witness is not None else "")
 
 
 LAUNCHER_PID = "DAPO_LAUNCHER_PID"  # set by launch() for the processes it starts
@@ -1947,6 +1996,7 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
+@record  # an exception's message goes to the launcher (elastic's error file), for first_failure
 def run_process(cfg: Config) -> None:
     """One process of a multi-process launch, in the role its rank gives it."""
     die_with_launcher()
@@ -1992,12 +2042,18 @@ class Job:
 def submit(cfg: Config) -> str:
     cfg.submit, cfg.run_dir = False, os.path.abspath(cfg.run_dir)
     cfg.model_path = cfg.model_path or ensure_model(cfg)
-    job, final = submit_job(
-        Job(), cfg, os.path.join(cfg.run_dir, "submitit"), "dapo", nodes=cfg.slurm_nodes,
-        timeout_min=cfg.slurm_time_min, cpus_per_task=cfg.slurm_cpus_per_task, gpus_per_node=cfg.slurm_gpus_per_node,
-        slurm_partition=cfg.slurm_partition or None, slurm_account=cfg.slurm_account or None,
-        slurm_constraint=cfg.slurm_constraint or None, slurm_mem=cfg.slurm_mem or None,
-        slurm_signal_delay_s=cfg.slurm_signal_lead_s, max_timeouts=cfg.slurm_max_timeouts)
+    try:
+        job, final = submit_job(
+            Job(), cfg, os.path.join(cfg.run_dir, "submitit"), "dapo", nodes=cfg.slurm_nodes,
+            timeout_min=cfg.slurm_time_min, cpus_per_task=cfg.slurm_cpus_per_task,
+            gpus_per_node=cfg.slurm_gpus_per_node, slurm_partition=cfg.slurm_partition or None,
+            slurm_account=cfg.slurm_account or None, slurm_constraint=cfg.slurm_constraint or None,
+            slurm_mem=cfg.slurm_mem or None, slurm_signal_delay_s=cfg.slurm_signal_lead_s,
+            max_timeouts=cfg.slurm_max_timeouts)
+    except submitit.core.utils.FailedJobError as e:  # its first node's reason, not Submitit's page of trace
+        reasons = re.findall(r"^SystemExit: (.+)$", str(e), re.MULTILINE)
+        raise SystemExit(f"train_dapo.py: the job failed: {reasons[-1] if reasons else str(e).splitlines()[0]} "
+                         f"(logs: {os.path.join(cfg.run_dir, 'submitit')})") from None
     print(f"job {job.job_id} done: {final}", flush=True)
     return final
 

@@ -7,7 +7,7 @@ uses this file (its engine, scoring and Submitit launch); this file never import
 trainer, so either can be read and changed alone.
 
     python -m eval.evaluate --model runs/demo/final --data synthetic:val --n 8 --top-p 1.0
-    python -m eval.evaluate --model runs/demo/checkpoints/step-40 --data synthetic:val   # exported first
+    python -m eval.evaluate --model runs/demo/checkpoints/step-200 --data synthetic:val  # exported first
     python -m eval.evaluate --model runs/demo --data synthetic:val   # the run's newest weights
     python -m eval.evaluate --model Qwen/Qwen2.5-32B --data aime24.parquet --max-tokens 20480
 """

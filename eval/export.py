@@ -7,8 +7,8 @@ of trainers wrote it, in the run's dtype (its --dtype; `auto`: the model config'
 writes safetensors, config and tokenizer as the run's final/ is written: transformers
 and vLLM load it. Like evaluate.py, this file never imports the trainer.
 
-    python -m eval.export runs/demo/checkpoints/step-40                 # -> runs/demo/exports/step-40
-    python -m eval.export runs/demo/checkpoints/step-40 --out step-40-hf
+    python -m eval.export runs/demo/checkpoints/step-200                # -> runs/demo/exports/step-200
+    python -m eval.export runs/demo/checkpoints/step-200 --out step-200-hf
 """
 import argparse
 import json
@@ -53,7 +53,8 @@ def check_checkpoint(path: str) -> None:
     named), cut short, foreign, or written before checkpoints carried their model/."""
     if not os.path.isdir(path):
         steps = ", ".join(f"step-{n}" for n in sorted(checkpoints(run_of(path)))) or "none"
-        raise CheckpointError(f"{path}: no such checkpoint (complete ones in {run_of(path)}: {steps})")
+        raise CheckpointError(f"{path}: no such checkpoint ({os.path.join(run_of(path), 'checkpoints')} has "
+                              f"{steps})")
     if path.rstrip("/").endswith(".partial"):
         raise CheckpointError(f"{path}: an incomplete checkpoint (a save cut short; complete ones are renamed step-N)")
     missing = [f for f in (".metadata", "trainer_state.pt", "config.json", "model/config.json")
@@ -108,6 +109,19 @@ def run_dtype(checkpoint: str, config) -> torch.dtype:
     return config.dtype if dtype == "auto" else getattr(torch, dtype)
 
 
+def read_weights(checkpoint: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's part of a checkpoint as whole tensors of `dtype`, by their HF names (the
+    checkpoint's are "model." + the policy's "lm." + those): DCP fills each from the shards
+    of however many trainers wrote it, casting as it copies, in this process alone."""
+    stored = dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    state = {"model": {k.removeprefix("model."): torch.empty(m.size, dtype=dtype)
+                       for k, m in stored.items() if k.startswith("model.")}}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
+    return {k.removeprefix("lm."): v for k, v in state["model"].items()}
+
+
 def export(checkpoint: str, out: str) -> torch.dtype:
     """Write the checkpoint's model as an HF-format directory `out` (which must not exist,
     or be empty): weights in the run's dtype, the model config and tokenizer. Written
@@ -119,20 +133,14 @@ def export(checkpoint: str, out: str) -> torch.dtype:
     model_dir = os.path.join(checkpoint, "model")
     config = AutoConfig.from_pretrained(model_dir)
     dtype = run_dtype(checkpoint, config)
-    # Whole tensors for the model's entries ("model." + the policy's "lm." names): DCP fills
-    # each from the shards of however many trainers wrote it, casting as it copies.
-    stored = dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
-    state = {"model": {k.removeprefix("model."): torch.empty(m.size, dtype=dtype)
-                       for k, m in stored.items() if k.startswith("model.") and "lm_head" not in k}}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
-    with torch.device("meta"):  # the model's code and config only: save_pretrained writes the weights given
+    with torch.device("meta"):  # the model without weights of its own: the checkpoint's take their places
         lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    lm.load_state_dict(read_weights(checkpoint, dtype), assign=True)  # strict: every name, no other
+    lm.tie_weights()  # a tied LM head is the embedding again, saved once, as in final/
     lm.generation_config = GenerationConfig.from_pretrained(model_dir)  # its stop tokens, which vLLM reads
     tmp = f"{os.path.normpath(out)}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(tmp, state_dict={k.removeprefix("lm."): v for k, v in state["model"].items()})
+    lm.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
     os.replace(tmp, out)
     return dtype

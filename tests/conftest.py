@@ -62,14 +62,14 @@ def real_shaped_model(root, name: str, context: int = 131072) -> str:
     return path
 
 
-def start_run(model_dir: str, run_dir, total_steps: int) -> subprocess.Popen:
+def start_run(model_dir: str, run_dir, total_steps: int, *flags: str) -> subprocess.Popen:
     """Two trainers and a rollout process generating one step ahead, a checkpoint every step."""
     return subprocess.Popen(
         [sys.executable, "train_dapo.py", "--nproc_per_node", "3", "--rollout_nodes", "1", "--max_staleness", "1",
          "--model_path", model_dir,
          "--total_steps", str(total_steps), "--save_every", "1", "--prompts_per_step", "4", "--group_size", "8",
          "--gen_prompts_per_round", "16", "--mini_batch_size", "16", "--val_data", "", "--wandb_mode", "disabled",
-         "--run_dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--run_dir", str(run_dir), *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="session")

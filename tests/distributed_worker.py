@@ -196,8 +196,9 @@ class SlowEngine:
     def collective_rpc(self, method: str, args=()):
         self.seen[method] = time.time()
         if method == "join_weight_group":
-            host, port, rank, world = args
-            self.group = train_dapo.weight_group(host, port, rank, world)
+            host, port, rank, world, timeout = args
+            self.group = train_dapo.weight_group(host, port, rank, world, timeout)
+            self.seen["timeout_s"] = timeout.total_seconds()
         else:  # receive_weights: one bucket of (name, shape)
             (bucket,), _ = args
             flat = torch.empty(sum(n for _, (n,) in bucket))
@@ -212,7 +213,7 @@ class SlowEngine:
 
 
 def check_join(out: str) -> None:
-    cfg = resolve(Config(nproc_per_node=3, rollout_nodes=2, run_dir="unused"))
+    cfg = resolve(Config(nproc_per_node=3, rollout_nodes=2, stall_timeout_min=0.5, run_dir="unused"))
     cluster = train_dapo.join_cluster(cfg)
     if cluster.roles[cluster.rank] == "rollout":
         engine = cluster.ranks("rollout").index(cluster.rank)

@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import pytest
 import torch
 
 from conftest import start_run
 from distributed_worker import PROMPTS, tiny_policy, update_policy_once
-from train_dapo import HANG_TIMEOUT, Cluster, make_rollout_engine, process_roles, weight_group
+from train_dapo import Cluster, checkpoint_dirs, make_rollout_engine, process_roles, weight_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
@@ -101,6 +102,7 @@ def test_every_engine_is_loaded_before_any_joins_the_weight_group(tmp_path):
     last_ready = max(e["ready"] for e in engines)
     assert all(e["join_weight_group"] >= last_ready for e in engines), engines
     assert all(e["received"] == [1.0, 2.0, 3.0] for e in engines)
+    assert all(e["timeout_s"] == 60 for e in engines)  # twice --stall_timeout_min 0.5: the run's, not NCCL's 10 min
 
 
 def test_the_weight_group_waits_as_long_as_the_run(monkeypatch):
@@ -108,36 +110,64 @@ def test_the_weight_group_waits_as_long_as_the_run(monkeypatch):
     seen = {}
     monkeypatch.setattr(vllm.distributed.utils, "stateless_init_torch_distributed_process_group",
                         lambda *args, **kwargs: seen.update(kwargs))
-    weight_group("localhost", 1, 0, 2)
-    assert seen["timeout"] == HANG_TIMEOUT  # not the backend's default (NCCL: 10 minutes)
+    weight_group("localhost", 1, 0, 2, timedelta(minutes=60))
+    assert seen["timeout"] == timedelta(minutes=60)  # not the backend's default (NCCL: 10 minutes)
 
 
-def test_a_killed_engine_ends_the_job_naming_it_and_the_rerun_matches(tiny_model_dir, tmp_path, straight):
-    """Kill -9 the rollout process mid-run: within 10 s the job ends with an error naming it;
-    the same command then resumes from the last checkpoint and logs what an uninterrupted
-    run logs, step for step."""
+@pytest.mark.parametrize("victim", ["rollout engine 0 (rank 2)", "trainer 1 (rank 1)"])
+def test_a_killed_process_ends_the_job_naming_it_and_the_rerun_matches(tiny_model_dir, tmp_path, straight, victim):
+    """Kill -9 the rollout process, or a trainer that is not the driver, mid-run: within 10 s
+    the job ends, its last line naming that process, and none of the run's processes is
+    left; the same command then resumes from the last checkpoint and logs what an
+    uninterrupted run logs, step for step."""
     from test_checkpoint import step_metrics
-    proc = start_run(tiny_model_dir, tmp_path, total_steps=4)
+    proc = start_run(tiny_model_dir, tmp_path, 4)
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("step    2 |"):
             break
-    engine_pid = int(re.search(r"rollout engine 0 \(rank 2\) on \S+, pid (\d+)", "".join(lines)).group(1))
+    pid = int(re.search(re.escape(victim) + r" on \S+, pid (\d+)", "".join(lines)).group(1))
     assert "2 trainer(s), 1 rollout process(es)" in "".join(lines)
-    os.kill(engine_pid, signal.SIGKILL)
+    run = descendants(proc.pid)
+    os.kill(pid, signal.SIGKILL)
     killed_at = time.time()
     _, stderr = proc.communicate(timeout=120)
     assert time.time() - killed_at < 10 and proc.returncode != 0
-    assert re.search(r"rollout engine 0 \(rank 2\), pid \d+: killed by SIGKILL", stderr), stderr[-3000:]
-    last = int(sorted(os.listdir(tmp_path / "checkpoints"))[-1].split("-")[1])
-    assert 2 <= last < 4
-    resumed = start_run(tiny_model_dir, tmp_path, total_steps=4)
+    last_line = stderr.strip().splitlines()[-1]
+    assert re.search(re.escape(victim) + r" on \S+, pid \d+: killed by SIGKILL", last_line), stderr[-3000:]
+    assert not any(alive(p) for p in run)
+    last = int(os.path.basename(checkpoint_dirs(tmp_path)[-1])[5:])  # a .partial left by the kill is no checkpoint
+    assert 1 <= last < 4
+    resumed = start_run(tiny_model_dir, tmp_path, 4)
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints' / f'step-{last}'}" in out
     assert step_metrics(tmp_path) == straight.metrics
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_a_stalled_engine_ends_the_job_at_the_deadline_naming_it(tiny_model_dir, tmp_path):
+    """SIGSTOP, not a death: nothing closes a socket, so only the deadline (--stall_timeout_min
+    0.5: the driver waits 30 s on an engine) can end the run. It ends, its last line naming the
+    engine the driver waited on, and no process is left (the stopped one too)."""
+    proc = start_run(tiny_model_dir, tmp_path, 50, "--stall_timeout_min", "0.5")
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step    2 |"):
+            break
+    pid = int(re.search(r"rollout engine 0 \(rank 2\) on \S+, pid (\d+)", "".join(lines)).group(1))
+    run = descendants(proc.pid)
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    _, stderr = proc.communicate(timeout=300)
+    waited = time.time() - stopped_at
+    last_line = stderr.strip().splitlines()[-1]
+    assert re.search(r"because rollout engine 0 \(rank 2\) on .+ \(trainer 0 \(rank 0\): RuntimeError: rollout engine 0 "
+                     r"\(rank 2\) died or stopped answering during '\w+': .*(?i:timed out|timeout)", last_line), stderr[-3000:]
+    assert 30 <= waited < 30 + 45, waited  # the deadline, then elastic's grace before it SIGKILLs the stopped one
+    assert not any(alive(p) for p in run)
 
 
 def descendants(pid: int) -> set[int]:
@@ -214,3 +244,33 @@ def test_a_run_directory_has_one_writer_and_a_dead_ones_claim_lapses(tiny_model_
     first.stdout.close()
     third = subprocess.run(command + ["--total_steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and "resumed from" in third.stdout, third.stderr[-3000:]
+
+
+def failure(exitcode: int, message: str = "", pid: int = 100):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+    f = ProcessFailure(local_rank=0, pid=pid, exitcode=exitcode, error_file="<N/A>")
+    f.message = {"message": message, "extraInfo": {}} if message else f.message
+    return f
+
+
+def test_the_launcher_names_the_process_that_stopped_the_run_not_the_ones_that_noticed():
+    from train_dapo import Config, first_failure
+    cfg = Config(nproc_per_node=3, rollout_nodes=1)
+    driver_saw = "RuntimeError: rollout engine 0 (rank 2) died or stopped answering during 'generate': Timed out"
+    engine_saw = "RuntimeError: trainer 0 (rank 0), the driver, died or stopped answering: Connection closed"
+    killed, stopped = -signal.SIGKILL, -signal.SIGTERM  # SIGTERM: the launcher ending the rest
+    # a stall: the driver names the engine, which the launcher then kills
+    said = first_failure(cfg, 1, {0: failure(1, driver_saw), 1: failure(stopped), 2: failure(killed, pid=7)})
+    assert said.startswith("rollout engine 0 (rank 2) on ") and \
+        said.endswith(f"pid 7: killed by SIGKILL (trainer 0 (rank 0): {driver_saw})"), said
+    # a killed trainer, though the engine blames the driver it lost first
+    said = first_failure(cfg, 1, {0: failure(1, "RuntimeError: Connection closed"), 1: failure(killed, pid=8),
+                                  2: failure(1, engine_saw)})
+    assert said.startswith("trainer 1 (rank 1) on ") and said.endswith("pid 8: killed by SIGKILL"), said
+    # on the driver's node of a two-node job: the engine on the other node, named by the driver
+    two = Config(nproc_per_node=2, rollout_nodes=1, slurm_nodes=2)
+    said = first_failure(two, 2, {0: failure(1, driver_saw), 1: failure(stopped)})
+    assert said == f"rollout engine 0 (rank 2) on node 2 of 2 died or stopped answering (trainer 0 (rank 0): {driver_saw})"
+    # nobody killed, nobody named: the first that failed by itself
+    said = first_failure(cfg, 1, {0: failure(stopped), 1: failure(1, "ValueError: bad"), 2: failure(stopped)})
+    assert said.startswith("trainer 1 (rank 1) on ") and said.endswith("exit status 1: ValueError: bad"), said

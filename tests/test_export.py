@@ -208,7 +208,7 @@ BAD = {  # how to make it; what evaluate.py, then export.py, say of it
     "written before model/": (lambda run: copy_of_step_1(run, "step-2", "model"),
                               "written before checkpoints carried the model's config and tokenizer (no model/)", None),
     "no such step": (lambda run: run / "checkpoints" / "step-99",
-                     f"no such checkpoint (complete ones in {{run}}: step-1)", None),
+                     f"no such checkpoint ({{run}}/checkpoints has step-1)", None),
     "foreign": (lambda run: (run / "notes").mkdir() or run / "notes",
                 "not a model directory (no config.json)", "not a trainer checkpoint (no .metadata, no trainer_state.pt)"),
 }
