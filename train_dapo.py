@@ -66,6 +66,7 @@ import submitit
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -1807,20 +1808,25 @@ def save_checkpoint(cfg: Config, step: int, policy, tokenizer, optimizer, schedu
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    model_state, optim_state = get_state_dict(policy, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
-    torch.save({"generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(), "numpy_rng": np.random.get_state()},
-               os.path.join(tmp, f"rng-{rank}.pt"))
-    if rank == 0:
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "sampler": (sampler.epoch, sampler.pos),
-                    "ahead": ahead or {}}, os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({"config": dataclasses.asdict(cfg),
-                       "shapes": {k: list(v.shape) for k, v in policy.state_dict().items()}}, f, indent=1)
-        # what makes the shards an HF model (vLLM stops at the generation config's eos tokens)
-        for part in (policy.lm.config, policy.lm.generation_config, tokenizer):
-            part.save_pretrained(os.path.join(tmp, "model"))
+    try:  # a full disk, a file system gone: stop, the newest complete checkpoint still the one resume takes
+        model_state, optim_state = get_state_dict(policy, optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+        torch.save({"generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate(), "numpy_rng": np.random.get_state()},
+                   os.path.join(tmp, f"rng-{rank}.pt"))
+        if rank == 0:
+            torch.save({"step": step, "scheduler": scheduler.state_dict(), "sampler": (sampler.epoch, sampler.pos),
+                        "ahead": ahead or {}}, os.path.join(tmp, "trainer_state.pt"))
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({"config": dataclasses.asdict(cfg),
+                           "shapes": {k: list(v.shape) for k, v in policy.state_dict().items()}}, f, indent=1)
+            # what makes the shards an HF model (vLLM stops at the generation config's eos tokens)
+            for part in (policy.lm.config, policy.lm.generation_config, tokenizer):
+                part.save_pretrained(os.path.join(tmp, "model"))
+    except (OSError, CheckpointException) as e:
+        newest = checkpoint_dirs(cfg.run_dir)
+        raise RunError(f"{tmp}: the checkpoint of step {step} could not be written ({str(e).splitlines()[0][:200]}); "
+                       f"a rerun resumes from {newest[-1] if newest else 'the start'}") from None
     barrier()
     if rank == 0:
         os.rename(tmp, path)
@@ -2050,8 +2056,8 @@ def submit(cfg: Config) -> str:
             slurm_account=cfg.slurm_account or None, slurm_constraint=cfg.slurm_constraint or None,
             slurm_mem=cfg.slurm_mem or None, slurm_signal_delay_s=cfg.slurm_signal_lead_s,
             max_timeouts=cfg.slurm_max_timeouts)
-    except submitit.core.utils.FailedJobError as e:  # its first node's reason, not Submitit's page of trace
-        reasons = re.findall(r"^SystemExit: (.+)$", str(e), re.MULTILINE)
+    except submitit.core.utils.UncompletedJobError as e:  # its first node's reason, not Submitit's page of log
+        reasons = re.findall(r"^(?:SystemExit: )?(the run stopped because .+)$", str(e), re.MULTILINE)
         raise SystemExit(f"train_dapo.py: the job failed: {reasons[-1] if reasons else str(e).splitlines()[0]} "
                          f"(logs: {os.path.join(cfg.run_dir, 'submitit')})") from None
     print(f"job {job.job_id} done: {final}", flush=True)

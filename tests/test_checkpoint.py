@@ -128,3 +128,26 @@ def test_kill_9_while_writing_leaves_the_previous_checkpoint_in_charge(tmp_path)
     cfg, model, optimizer, scheduler, sampler, generator = tiny_state()
     cfg.run_dir = str(tmp_path)
     assert load_checkpoint(cfg, checkpoint_dirs(tmp_path)[-1], model, optimizer, scheduler, sampler, generator) == 2
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_it(tiny_model_dir, tmp_path, monkeypatch):
+    """The disk fills up at the second checkpoint: the run stops with one line naming the
+    directory it could not write; the first checkpoint stays the one a rerun resumes from."""
+    import errno
+
+    import train_dapo
+    real_save, calls = train_dapo.dcp.save, []
+
+    def save(state, checkpoint_id):
+        calls.append(checkpoint_id)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(state, checkpoint_id=checkpoint_id)
+    monkeypatch.setattr(train_dapo.dcp, "save", save)
+    with pytest.raises(RunError) as e:
+        train(run_config(tiny_model_dir, tmp_path, total_steps=4))
+    partial = tmp_path / "checkpoints" / "step-4.partial"
+    assert str(e.value) == (f"{partial}: the checkpoint of step 4 could not be written ([Errno 28] No space left on "
+                            f"device); a rerun resumes from {tmp_path / 'checkpoints' / 'step-2'}")
+    assert checkpoint_dirs(tmp_path) == [str(tmp_path / "checkpoints" / "step-2")]
+    assert not (tmp_path / "final").exists()

@@ -119,6 +119,48 @@ def test_a_higher_priority_job_preempts_the_two_node_job_which_resumes(tiny_mode
     assert_resumed_like_straight(tmp_path, straight, node1)
 
 
+def run_processes(run_dir) -> list[int]:
+    """Processes whose command line names run_dir: the run's, on every (local) node."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if str(run_dir).encode() in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slurm
+def test_a_killed_engine_on_the_second_node_ends_the_two_node_job_naming_it(tiny_model_dir, tmp_path, straight,
+                                                                            local_slurm):
+    """kill -9 of the engine's process on node 2 of slurm/small.sh's job: the submitting command
+    ends within a minute, its last line naming the engine and its node (not the trainer on
+    node 1 that noticed); no process of the job is left; the same command resumes and logs
+    what an uninterrupted run logs."""
+    command = ["bash", "slurm/small.sh", *run_flags(tiny_model_dir, tmp_path), "--save_every", "1"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_id = re.search(r"submitted job (\d+) \(slurm\)", proc.stdout.readline()).group(1)
+    wait_for_step(tmp_path, 2, proc)
+    node2 = open(os.path.join(tmp_path, "submitit", f"{job_id}_1_log.out")).read()
+    engine = int(re.search(r"rollout engine 0 \(rank 1\) on \S+, pid (\d+)", node2).group(1))
+    os.kill(engine, signal.SIGKILL)
+    killed_at = time.time()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and time.time() - killed_at < 60
+    assert err.strip().splitlines()[-1].startswith(
+        "train_dapo.py: the job failed: the run stopped because rollout engine 0 (rank 1) on node 2 of 2 died or "
+        "stopped answering (trainer 0 (rank 0): RuntimeError: rollout engine 0 (rank 1) died"), err[-6000:]
+    while run_processes(tmp_path) and time.time() - killed_at < 60:
+        time.sleep(0.5)
+    assert not run_processes(tmp_path)
+    rerun = run(command)
+    assert "resumed from" in open(os.path.join(tmp_path, "submitit", sorted(
+        n for n in os.listdir(os.path.join(tmp_path, "submitit")) if n.endswith("_0_log.out"))[-1])).read()
+    assert step_metrics(tmp_path) == straight, rerun.stdout[-2000:]
+
+
 def test_the_32b_launch_script_asks_for_the_papers_layout(tmp_path):
     """slurm/qwen2.5-32b.sh's flags, as the trainer parses them: 16 nodes x 8 GPUs, 64
     trainers and 8 TP-8 engines, the paper's preset; extra flags pass through."""
