@@ -1472,7 +1472,10 @@ def sync_weights(cfg: Config, llm, policy: Policy) -> dict:
         tensors = [full_tensor(state[name].to(dtype)) for name, _ in bucket]
         if remote:
             flat = torch.cat([t.flatten() for t in tensors])
-            llm.talk("sync", llm.ranks[0], lambda: llm.weight_group.broadcast(flat, 0).wait(llm.cluster.deadline))
+            # gloo blocks here, so bound it; NCCL's wait only orders the stream (the next bucket's gather
+            # overlaps the broadcast) and its watchdog bounds a stall
+            bound = () if torch.cuda.is_available() else (llm.cluster.deadline,)
+            llm.talk("sync", llm.ranks[0], lambda: llm.weight_group.broadcast(flat, 0).wait(*bound))
         elif llm is not None:
             in_process += [(name, t) for (name, _), t in zip(bucket, tensors)]
         nbytes += sum(t.numel() * t.element_size() for t in tensors)
@@ -2018,6 +2021,7 @@ def run_process(cfg: Config) -> None:
             if cluster.rank == 0:
                 print(f"train_dapo.py: error: {e}", file=sys.stderr, flush=True)
                 stop_engines(cluster)
+            barrier()  # the others wait for trainer 0's line: the launcher ends every process at the first exit
             raise SystemExit(EXIT_USER_ERROR) from None
     elif role == "rollout":
         serve_rollouts(cfg, cluster)

@@ -150,17 +150,38 @@ def context_length(rows: list[dict], tokenizer, max_tokens: int, limit: int) -> 
     return max(lengths) + max_tokens
 
 
-def fitting_context(args, rows: list[dict]) -> int:
-    """context_length for the model and flags of this evaluation (a checkpoint's config and
-    tokenizer are in its model/)."""
-    from transformers import AutoConfig, AutoTokenizer
-    path = os.path.join(args.picked, "model") if export.is_checkpoint(args.picked) else args.picked
+def model_files(args) -> str:
+    """Where the model's config and tokenizer are: a checkpoint's model/, else the model itself."""
+    return os.path.join(args.picked, "model") if export.is_checkpoint(args.picked) else args.picked
+
+
+def model_config(args):
+    from transformers import AutoConfig
     try:
-        config = AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(model_files(args))
     except (OSError, ValueError) as e:
         raise ModelError(f"--model {args.model}: no model config could be read: {str(e).splitlines()[0]}") from None
-    limit = args.max_model_len or config.max_position_embeddings
-    return context_length(rows, AutoTokenizer.from_pretrained(path), args.max_tokens, limit)
+
+
+def check_model(args) -> None:
+    """What can be known of the model before an engine starts: its weights are there (an HF
+    directory; a checkpoint was checked by locate), and vLLM can split it over
+    --tensor-parallel-size GPUs. A ModelError names the flag."""
+    config = model_config(args)
+    missing = not export.is_checkpoint(args.picked) and weights_problem(args.picked)
+    if missing:
+        raise ModelError(f"--model {args.model}: {missing}")
+    split = args.tensor_parallel_size and tensor_parallel_problem(config, args.tensor_parallel_size)
+    if split:
+        raise ModelError(f"--tensor-parallel-size {args.tensor_parallel_size}: {split}: vLLM would refuse it (the "
+                         f"largest that works: {largest_tensor_parallel(config, args.tensor_parallel_size)})")
+
+
+def fitting_context(args, rows: list[dict]) -> int:
+    """context_length for the model and flags of this evaluation."""
+    from transformers import AutoTokenizer
+    limit = args.max_model_len or model_config(args).max_position_embeddings
+    return context_length(rows, AutoTokenizer.from_pretrained(model_files(args)), args.max_tokens, limit)
 
 
 class ModelError(ValueError):
@@ -262,8 +283,9 @@ def evaluate(args) -> dict:
     """Load the model into vLLM, evaluate, write the report; the summary back."""
     rows = data_prep.load_rows(args.data)
     model_dir = export.cached_export(args.picked) if export.is_checkpoint(args.picked) else args.picked
-    llm, tokenizer = make_engine(model_dir, fitting_context(args, rows), args.dtype, args.seed,
-                                         args.tensor_parallel_size or gpus_here())
+    # by default the widest split vLLM accepts over the GPUs of this (the job's) node
+    tp = args.tensor_parallel_size or largest_tensor_parallel(model_config(args), gpus_here())
+    llm, tokenizer = make_engine(model_dir, fitting_context(args, rows), args.dtype, args.seed, tp)
     t0 = time.time()
     result = generate_and_score(llm, tokenizer, rows, args.n, args.temperature, args.top_p,
                                 args.max_tokens, args.seed, progress=True)
@@ -318,7 +340,8 @@ def make_parser() -> FlagParser:
     parser.add_argument("--max-model-len", type=int, default=0,
                         help="the engine's context (default: the longest prompt + --max-tokens, within the model's)")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--tensor-parallel-size", type=int, default=0, help="default: every GPU in sight")
+    parser.add_argument("--tensor-parallel-size", type=int, default=0,
+                        help="default: the widest split of the model vLLM accepts over the GPUs in sight")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="report folder (default: eval_results/<model>-<data>)")
     job = parser.add_argument_group("running as a job (Submitit: Slurm where present, else local)")
@@ -337,6 +360,7 @@ def main(argv=None):
     check_flags(parser, args)
     try:  # fail here, before an engine starts or a job is queued
         args.picked, args.step = locate(args.model)
+        check_model(args)
         fitting_context(args, data_prep.load_rows(args.data))
     except export.CheckpointError as e:
         parser.error(f"--model {e}")

@@ -49,16 +49,18 @@ def tiny_model_dir(tmp_path_factory):
 
 def real_shaped_model(root, name: str, context: int = 131072) -> str:
     """A model directory as a cluster holds it, for checks that read no weight: `name`'s
-    config.json (its real shape: heads, KV heads, widths, vocabulary; Qwen2.5's context) and
-    a safetensors file of one number standing for the weights."""
+    config.json (its real shape: heads, KV heads, widths, vocabulary; Qwen2.5's context), a
+    safetensors file of one number standing for the weights, and the demo's tokenizer."""
     import torch
     from safetensors.torch import save_file
     from transformers import Qwen2Config
 
+    from demo.base_model import build_tokenizer
     from slurm.memory_budget import KNOWN_SHAPES
     path = os.path.join(str(root), name.split("/")[-1])
     Qwen2Config(**KNOWN_SHAPES[name], max_position_embeddings=context).save_pretrained(path)
     save_file({"placeholder": torch.zeros(1)}, os.path.join(path, "model.safetensors"))
+    build_tokenizer().save_pretrained(path)
     return path
 
 

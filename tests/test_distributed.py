@@ -92,6 +92,29 @@ def test_a_checkpoint_of_two_trainers_loads_exactly_on_one_and_on_three(tmp_path
                 assert torch.equal(loaded["optimizer"]["state"][name][key], value), (trainers, name, key)
 
 
+def test_a_two_trainer_run_resumes_on_one_trainer(tiny_model_dir, tmp_path, straight):
+    """The uninterrupted two-trainer run's checkpoint of step 3, rerun with one trainer: step 4
+    trains on the same batch (made ahead, in the checkpoint) and so logs the same rollout,
+    reward and sampling metrics exactly; the update's own (float sums over one trainer, not
+    two) stay close."""
+    import shutil
+
+    from test_checkpoint import step_metrics
+    shutil.copytree(straight.run_dir, tmp_path, dirs_exist_ok=True,
+                    ignore=lambda d, names: [n for n in names if n in ("step-4", "final", "exports")])
+    proc = start_run(tiny_model_dir, tmp_path, 4, "--nproc_per_node", "2")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "1 trainer(s), 1 rollout process(es)" in out, err[-3000:]
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step-3'}" in out
+    resumed, expected = step_metrics(tmp_path)[4], straight.metrics[4]
+    assert resumed.keys() == expected.keys()
+    for key, value in expected.items():
+        if key.startswith(("reward/", "sampling/", "response/", "staleness/")):
+            assert resumed[key] == value, key
+        elif key.startswith("actor/") and key != "actor/updates":
+            assert resumed[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+
+
 def test_every_engine_is_loaded_before_any_joins_the_weight_group(tmp_path):
     """Engines that finish loading 4 s apart (minutes, at 32B): the first is told to join only
     once the last is ready, so no member waits on the group's rendezvous for another's

@@ -105,12 +105,34 @@ def test_a_tensor_parallel_size_vllm_would_refuse_is_named_before_anything_start
     assert "the largest that works: 4" in err and not (tmp_path / "run").exists()
 
 
+def test_eval_refuses_a_split_vllm_would_refuse_and_defaults_to_the_widest_it_accepts(models, data_dir, tmp_path,
+                                                                                     monkeypatch):
+    err = one_line_error(["-m", "eval.evaluate", "--model", models["Qwen2.5-7B"], "--data", f"{data_dir}/aime24.jsonl",
+                          "--tensor-parallel-size", "8", "--out", str(tmp_path / "out")])
+    assert "--tensor-parallel-size 8: does not divide the model's 28 attention heads" in err
+    assert "the largest that works: 4" in err and not (tmp_path / "out").exists()
+    import eval.evaluate as E
+    seen = {}
+
+    def make_engine(model, context, dtype, seed, tp):
+        seen["tp"] = tp
+        raise SystemExit  # the engine is all this test wants to see
+    monkeypatch.setattr(E, "make_engine", make_engine)
+    monkeypatch.setattr(E, "gpus_here", lambda: 8)  # an 8-GPU node
+    for name, widest in (("Qwen2.5-1.5B", 4), ("Qwen2.5-32B", 8)):
+        with pytest.raises(SystemExit):
+            E.main(["--model", models[name], "--data", f"{data_dir}/aime24.jsonl", "--out", str(tmp_path / "o")])
+        assert seen["tp"] == widest
+
+
 def test_a_model_directory_without_its_weights_is_named_before_anything_starts(models, tmp_path):
     half = tmp_path / "half-copied"
     half.mkdir()
     (half / "config.json").write_text(open(os.path.join(models["Qwen2.5-7B"], "config.json")).read())
     err = one_line_error(["train_dapo.py", "--model_path", str(half), "--run_dir", str(tmp_path / "run")])
     assert f"--model_path {half}: holds a config.json but no weights" in err
+    err = one_line_error(["-m", "eval.evaluate", "--model", str(half), "--data", "synthetic:val"])
+    assert f"--model {half}: holds a config.json but no weights" in err
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
     (half / "model.safetensors.index.json").write_text(json.dumps(index))
     (half / "model-00001-of-00002.safetensors").write_bytes(b"")
