@@ -137,7 +137,7 @@ def test_help_lists_every_field_with_its_docstring():
     proc = subprocess.run([sys.executable, "train_dapo.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "clip-higher: upper clip 1 + eps_high" in proc.stdout and "--preset {grpo,paper}" in proc.stdout
+    assert "clip-higher: upper clip 1 + eps_high" in proc.stdout and "--preset {grpo,one_gpu,paper}" in proc.stdout
     assert proc.stdout.count("\n  --") >= 40
 
 

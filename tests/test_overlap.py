@@ -29,7 +29,7 @@ def fake_collect(log: list, making: dict):
         log.append((step, llm.version, threading.current_thread() is threading.main_thread()))
         making[step].set()
         busy.release()
-        group = [{"response_ids": [1, 2], "vllm_logprobs": [-0.5, -0.5], "reward": float(k), "acc": k,
+        group = [{"response_ids": [1, 2], "vllm_logprobs": [-0.5, -0.5], "reward": float(k), "acc": k, "timeout": False,
                   "truncated": False} for k in (0, 1)]
         return [{"prompt_ids": [3]}], [group], [group], {"sampling/rounds": 1}
     return collect
