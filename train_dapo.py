@@ -640,7 +640,7 @@ def update_policy(cfg: Config, policy: Policy, optimizer, batch: dict, generator
             for key, value in micro_batch_sums(cfg, batch, idx, logprobs, old, normalizer, loss).items():
                 sums[key] = sums.get(key, 0.0) + weight * value
         norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        grad_norm += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        grad_norm += float(full_tensor(norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         updates += 1
@@ -891,18 +891,26 @@ def resolve(cfg: Config, check_model: bool = True) -> Config:
                 data_prep.check_source(getattr(cfg, flag))
         except data_prep.DataError as e:
             raise ValueError(f"--{flag}: {e}") from None
-    context, model = model_config(cfg) if check_model else (math.inf, None)
-    need(cfg.max_prompt_len + cfg.max_response_len <= context, "max_prompt_len",
-         f"plus --max_response_len {cfg.max_response_len} exceeds the model's context of {context} tokens")
-    split = model and tensor_parallel_problem(model, cfg.tensor_parallel_size)
-    need(not split, "tensor_parallel_size", f"{split}: vLLM would refuse it at engine start (the largest that works: "
-         f"{model and largest_tensor_parallel(model, cfg.tensor_parallel_size)})")
+    if check_model:
+        fits_model(cfg, need)
     if not cfg.dynamic_sampling:
         cfg.gen_prompts_per_round = cfg.prompts_per_step  # one round, every group kept
     if cfg.tis == "auto":
         cfg.tis = "on" if cfg.max_staleness else "off"
     cfg.run_dir = cfg.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return cfg
+
+
+def fits_model(cfg: Config, need) -> None:
+    """The flags against the model's config (resolve's `need` names a flag that does not fit):
+    prompt and response within its context, a tensor-parallel split vLLM accepts."""
+    context, model = model_config(cfg)
+    need(cfg.max_prompt_len + cfg.max_response_len <= context, "max_prompt_len",
+         f"plus --max_response_len {cfg.max_response_len} exceeds the model's context of {context} tokens")
+    split = model and tensor_parallel_problem(model, cfg.tensor_parallel_size)
+    if split:
+        need(False, "tensor_parallel_size", f"{split}: vLLM would refuse it at engine start (the largest that "
+             f"works: {largest_tensor_parallel(model, cfg.tensor_parallel_size)})")
 
 
 def model_config(cfg: Config):
@@ -928,8 +936,9 @@ def model_config(cfg: Config):
         offline = " (HF_HUB_OFFLINE is set: only models already downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise ValueError(f"--model_path {path}: not a directory here, and its config could not be had from the "
                          f"hub{offline}: {str(e).splitlines()[0]}") from None
-    if weights_problem(path):
-        raise ValueError(f"--model_path {path}: {weights_problem(path)}")
+    missing = weights_problem(path)
+    if missing:
+        raise ValueError(f"--model_path {path}: {missing}")
     return config.max_position_embeddings, config
 
 

@@ -258,7 +258,7 @@ def largest_tensor_parallel(config, gpus: int) -> int:
     return max(tp for tp in range(1, gpus + 1) if tensor_parallel_problem(config, tp) is None)
 
 
-WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def weights_problem(path: str) -> str | None:
@@ -267,14 +267,13 @@ def weights_problem(path: str) -> str | None:
     their index; a hub name (no such directory) is the hub's to answer."""
     if not os.path.isdir(path):
         return None
-    index = next((f for f in WEIGHT_FILES[:2] if os.path.exists(os.path.join(path, f))), None)
+    index = next((f for f in WEIGHT_INDEXES if os.path.exists(os.path.join(path, f))), None)
     if index:
         with open(os.path.join(path, index)) as f:
             shards = sorted(set(json.load(f).get("weight_map", {}).values()))
         missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
         return f"{index} lists {len(missing)} missing shard(s): {', '.join(missing[:3])}" if missing else None
-    if any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES[2:]) or \
-            any(f.endswith(".safetensors") for f in os.listdir(path)):
+    if any(f.endswith(".safetensors") or f == "pytorch_model.bin" for f in os.listdir(path)):
         return None
     return "holds a config.json but no weights (*.safetensors or pytorch_model.bin)"
 
