@@ -94,13 +94,14 @@ def update_gradient(policy: Policy, reuse: bool = False) -> dict:
     return capture.grads
 
 
-def check_grads(out: str, dtype: str, reuse: bool) -> None:
-    train_dapo.join_cluster(resolve(Config(run_dir="unused")))
+def check_grads(out: str, dtype: str, reuse: bool) -> train_dapo.Cluster:
+    cluster = train_dapo.join_cluster(resolve(Config(run_dir="unused")))
     policy = tiny_policy()
     train_dapo.shard_policy(policy, getattr(torch, dtype))
     grads = update_gradient(policy, reuse)
     if torch.distributed.get_rank() == 0:
         torch.save(grads, out)
+    return cluster
 
 
 def tiny_policy() -> Policy:
@@ -109,9 +110,9 @@ def tiny_policy() -> Policy:
     return Policy(lm)
 
 
-def check_update(out: str) -> None:
+def check_update(out: str) -> train_dapo.Cluster:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    train_dapo.join_cluster(resolve(Config(run_dir="unused")))
+    cluster = train_dapo.join_cluster(resolve(Config(run_dir="unused")))
     policy = tiny_policy()
     train_dapo.shard_policy(policy, torch.float32)
     metrics = update_policy_once(policy)
@@ -122,6 +123,7 @@ def check_update(out: str) -> None:
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if torch.distributed.get_rank() == 0:
         torch.save({"weights": full, "metrics": metrics}, out)
+    return cluster
 
 
 def loaded_like_the_file(policy: Policy, model: str) -> None:
@@ -135,13 +137,14 @@ def loaded_like_the_file(policy: Policy, model: str) -> None:
     assert (got - expected).abs().max() < 1e-5, f"rank {torch.distributed.get_rank()}: {(got - expected).abs().max()}"
 
 
-def check_sync(out: str, model: str) -> None:
+def check_sync(out: str, model: str) -> train_dapo.Cluster:
     from vllm import SamplingParams
     cfg = resolve(Config(model_path=model, nproc_per_node=3, rollout_nodes=1, dtype="float32", max_prompt_len=16,
                          max_response_len=24, weight_sync_bucket_mb=1, run_dir=os.path.dirname(out)))  # 2 buckets
     cluster = train_dapo.join_cluster(cfg)
     if cluster.roles[cluster.rank] == "rollout":
-        return train_dapo.serve_rollouts(cfg, cluster)
+        train_dapo.serve_rollouts(cfg, cluster)
+        return cluster
     policy, tokenizer = train_dapo.build_or_load_policy(cfg, model), AutoTokenizer.from_pretrained(model)
     loaded_like_the_file(policy, model)
     with torch.no_grad():  # weights no engine has seen: each rank moves its own shards
@@ -155,6 +158,7 @@ def check_sync(out: str, model: str) -> None:
         llm.stop()
         with open(out, "w") as f:
             json.dump({"greedy": [o.outputs[0].token_ids.tolist() for o in outs], **stats}, f)
+    return cluster
 
 
 def full_state(policy: Policy, optimizer) -> dict:
@@ -163,7 +167,7 @@ def full_state(policy: Policy, optimizer) -> dict:
     return {"model": model, "optimizer": optim}
 
 
-def reshard_state(out: str, save: bool) -> None:
+def reshard_state(out: str, save: bool) -> train_dapo.Cluster:
     cluster = train_dapo.join_cluster(resolve(Config(run_dir="unused")))
     cfg, trainers = update_config(), len(cluster.roles)
     cfg.run_dir, cfg.nproc_per_node = os.path.join(out, "run"), trainers  # a layout of its own, as a requeue has
@@ -183,6 +187,7 @@ def reshard_state(out: str, save: bool) -> None:
     if cluster.rank == 0:
         torch.save(state | {"generator": generator.get_state()},
                    os.path.join(out, "saved.pt" if save else f"loaded-{trainers}.pt"))
+    return cluster
 
 
 class SlowEngine:
@@ -212,29 +217,31 @@ class SlowEngine:
         pass
 
 
-def check_join(out: str) -> None:
+def check_join(out: str) -> train_dapo.Cluster:
     cfg = resolve(Config(nproc_per_node=3, rollout_nodes=2, stall_timeout_min=0.5, run_dir="unused"))
     cluster = train_dapo.join_cluster(cfg)
     if cluster.roles[cluster.rank] == "rollout":
         engine = cluster.ranks("rollout").index(cluster.rank)
-        return train_dapo.serve(SlowEngine(f"{out}-{engine}.json", load_s=4.0 * engine), cluster)
+        train_dapo.serve(SlowEngine(f"{out}-{engine}.json", load_s=4.0 * engine), cluster)
+        return cluster
     llm = train_dapo.RemoteEngines(cfg, cluster)
     llm.send("sync", [([[("w", [3])]], "float32")] * 2)
     llm.weight_group.broadcast(torch.tensor([1.0, 2.0, 3.0]), 0).wait()
     llm.receive("sync")
     llm.stop()
+    return cluster
 
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "update":
-        check_update(out)
+        cluster = check_update(out)
     elif mode == "grads":
-        check_grads(out, sys.argv[3], reuse=sys.argv[4:] == ["reuse"])
+        cluster = check_grads(out, sys.argv[3], reuse=sys.argv[4:] == ["reuse"])
     elif mode == "join":
-        check_join(out)
+        cluster = check_join(out)
     elif mode in ("save", "load"):
-        reshard_state(out, save=mode == "save")
+        cluster = reshard_state(out, save=mode == "save")
     else:
-        check_sync(out, sys.argv[3])
-    train_dapo.leave_cluster()
+        cluster = check_sync(out, sys.argv[3])
+    train_dapo.leave_cluster(cluster)
