@@ -38,6 +38,7 @@ import ast
 import ctypes
 import dataclasses
 import fcntl
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -176,6 +177,15 @@ class Config:
     engine's probability of it (corrects staleness and engine mismatch): on, off, auto (on if K >= 1)"""
     tis_cap: float = 2.0
     """the truncation C of the importance weight (verl's default: 2)"""
+    segment_tokens: int = 0
+    """C: rollouts stream in segments of at most C tokens a sample (0: whole responses, a batch made in
+    rounds). After every segment, finished groups are scored and filtered one by one and freed slots
+    refilled; a batch is the first prompts_per_step informative groups in sampler order, and groups
+    still running carry over (partial rollouts: their next tokens come from newer weights, each
+    token's version kept; TIS corrects them) within --max_token_staleness"""
+    max_token_staleness: int = -1
+    """with segments: the most steps old a trained token may be; groups with older tokens are dropped
+    and counted (-1: K at K = 0, so nothing carries over, as the paper drops its surplus; K + 2 else)"""
 
     # ---- model and data
     model_path: str = ""
@@ -315,6 +325,12 @@ def load_prompts(source: str, tokenizer, max_prompt_len: int) -> list[dict]:
     return kept
 
 
+def segment_seed(cfg: Config, index: int, j: int, segment: int) -> int:
+    """With segments: the seed of sample j of the index-th group drawn, in its segment-th segment. A
+    function of the data's order alone: the same whichever engine, tick or weights make it."""
+    return int.from_bytes(hashlib.blake2b(f"{cfg.seed},{index},{j},{segment}".encode(), digest_size=7).digest())
+
+
 def sample_seed(cfg: Config, step: int, round_: int, prompts: int) -> int:
     """The seed of a round's first sample; sample j of prompt i draws from that + i * G + j.
     Every (run seed, step, round, prompt, sample) has its own: reproducible, resumable."""
@@ -445,10 +461,12 @@ def collect_batch(cfg: Config, llm, sampler: PromptSampler, step: int, pool=None
 
 def rollout_arrays(rows, responses, version: int = 0) -> dict:
     """What every trainer needs of the batch, as arrays the driver sends: a prompt per group, token ids,
-    vLLM's log-probs, rewards, truncation, and each response's policy version (whose weights made it)."""
+    vLLM's log-probs, rewards, truncation, and each token's policy version (whose weights made it:
+    `version` for all, or a response's own "versions" when it was made in segments)."""
     flat = [r for g in responses for r in g]
     return {"prompt_ids": [np.asarray(row["prompt_ids"], dtype=np.int32) for row in rows],
-            "versions": np.full(len(flat), version, dtype=np.int32),
+            "versions": [np.asarray(r.get("versions", [version] * len(r["response_ids"])), dtype=np.int32)
+                         for r in flat],
             "response_ids": [np.asarray(r["response_ids"], dtype=np.int32) for r in flat],
             "vllm_logprobs": [np.asarray(r["vllm_logprobs"], dtype=np.float32) for r in flat],
             "rewards": np.array([[r["reward"] for r in g] for g in responses], dtype=np.float32),
@@ -683,14 +701,13 @@ def behaviour_version(step: int, max_staleness: int) -> int:
 
 
 def train_step(cfg: Config, step: int, driver: Driver | None, policy, optimizer, scheduler, generator) -> dict:
-    """One rollout step. The driver's Rollouts make the batch (K = 0: now; else it was made
-    while the last steps learned); every trainer learns on it, then takes part in the
-    weight sync, which waits until the engines are idle."""
+    """One rollout step. The driver's Rollouts hand over the step's batch (K = 0: made now; else
+    made while the last steps learned); every trainer learns on it, then takes part in the
+    weight sync, once the engines are between batches (or segments)."""
     t0 = time.time()
     rollout, metrics = None, {}
     if driver:
         busy = driver.rollouts.busy
-        driver.rollouts.request_through(step + cfg.max_staleness)  # K = 0: this step's; else the batch K steps ahead
         rollout = driver.rollouts.take(step)
         if not isinstance(rollout, RunError):
             rollout, metrics = rollout
@@ -699,7 +716,7 @@ def train_step(cfg: Config, step: int, driver: Driver | None, policy, optimizer,
         raise rollout
     waited = time.time() - t0
     batch = flatten_batch(cfg, rollout)
-    staleness = step - 1 - rollout["versions"]
+    staleness = step - 1 - np.concatenate(rollout["versions"])  # per token
     metrics |= learn(cfg, policy, optimizer, scheduler, batch, generator)
     t1 = time.time()
     if driver:
@@ -710,7 +727,7 @@ def train_step(cfg: Config, step: int, driver: Driver | None, policy, optimizer,
     metrics |= {"staleness/mean": float(staleness.mean()), "staleness/max": int(staleness.max()),
                 "time/step": seconds, "time/trainer_wait": waited, "time/trainer_wait_share": waited / seconds}
     if driver:  # the engines now hold this step's weights; they idle while neither generating nor loading them
-        driver.rollouts.engine_version = step
+        driver.rollouts.weights_loaded(step)
         idle = max(0.0, seconds - (driver.rollouts.busy - busy) - metrics["time/sync"])
         metrics |= {"time/rollout_idle": idle, "time/rollout_idle_share": idle / seconds}
     return metrics
@@ -782,7 +799,7 @@ def run_steps(cfg: Config, driver: Driver | None, tokenizer, policy, optimizer, 
         preempted, overdue = any_trainer(preemption.requested, overdue)  # all trainers checkpoint the same step
         if step % cfg.save_every == 0 or step == cfg.total_steps or preempted or overdue:
             save_checkpoint(cfg, step, policy, tokenizer, optimizer, scheduler, driver and driver.rollouts.sampler,
-                            generator, driver and driver.rollouts.ahead())
+                            generator, driver and driver.rollouts.state())
             last_save = time.time()
         if preempted:
             break
@@ -835,7 +852,7 @@ AT_LEAST_1 = ("total_steps", "save_every", "keep_checkpoints", "slurm_time_min",
               "gen_prompts_per_round", "max_gen_rounds", "tensor_parallel_size", "mini_batch_size",
               "micro_batch_tokens", "val_every", "val_samples")
 AT_LEAST_0 = ("seed", "save_every_min", "slurm_signal_lead_s", "slurm_gpus_per_node", "slurm_max_timeouts",
-              "rollout_nodes", "reward_workers", "max_staleness", "eps_high", "warmup_steps", "weight_decay",
+              "rollout_nodes", "reward_workers", "max_staleness", "segment_tokens", "eps_high", "warmup_steps", "weight_decay",
               "val_temperature", "val_max_problems")
 CHOICES = {"wandb_mode": ("online", "offline", "disabled"), "compute_dtype": ("", "bfloat16", "float32"),
            "dtype": ("auto", "float32", "bfloat16", "float16"), "loss_agg_mode": ("token-mean", "seq-mean-token-mean"),
@@ -853,6 +870,9 @@ def resolve(cfg: Config, check_model: bool = True) -> Config:
         need(getattr(cfg, flag) >= 1, flag, "must be at least 1")
     for flag in AT_LEAST_0:
         need(getattr(cfg, flag) >= 0, flag, "cannot be negative")
+    if cfg.max_token_staleness < 0:  # nothing carries at K = 0, as the paper drops its surplus
+        cfg.max_token_staleness = cfg.max_staleness + 2 if cfg.max_staleness else 0
+    need(cfg.max_token_staleness >= cfg.max_staleness, "max_token_staleness", "must be at least --max_staleness")
     for flag, choices in CHOICES.items():
         need(getattr(cfg, flag) in choices, flag, "expected one of " + ", ".join(map(repr, choices)))
     need(cfg.wandb_project != "", "wandb_project", "cannot be empty")
@@ -1357,8 +1377,9 @@ def serve(llm, cluster: Cluster) -> None:
             return
         if command == "ready":  # answered once loaded (the driver's send waits until this loop runs)
             reply = True
-        elif command == "generate":
-            reply = compact(llm.generate(*payload, use_tqdm=False))
+        elif command == "generate":  # with the seconds it took (the engine's busy share)
+            t0 = time.time()
+            reply = compact(llm.generate(*payload, use_tqdm=False)), time.time() - t0
         elif command == "join_weight_group":
             reply = llm.collective_rpc("join_weight_group", args=(*payload, 2 * cluster.deadline))
         elif command == "sync":  # then drop the prefix cache: KV of the old weights would answer repeats
@@ -1398,6 +1419,7 @@ class RemoteEngines:
     def __init__(self, cfg: Config, cluster: Cluster):
         from vllm.utils.network_utils import get_open_port
         self.cluster, self.ranks = cluster, cluster.ranks("rollout")
+        self.busy = [0.0] * len(self.ranks)  # seconds each engine spent generating
         # Every engine loaded before any joins: the group's members wait for each other only
         # seconds, not the minutes between engines that load a 32B model at different speeds.
         self.send("ready", [None] * len(self.ranks), HANG_TIMEOUT)  # however long loading takes
@@ -1427,8 +1449,15 @@ class RemoteEngines:
     def generate(self, prompts: list, params, use_tqdm: bool = False) -> list:
         params = params if isinstance(params, list) else [params] * len(prompts)
         bounds = np.linspace(0, len(prompts), len(self.ranks) + 1).astype(int)
-        self.send("generate", [(prompts[a:b], params[a:b]) for a, b in zip(bounds, bounds[1:])])
-        return [out for share in self.receive("generate") for out in share]
+        shares = self.generate_shares([(prompts[a:b], params[a:b]) for a, b in zip(bounds, bounds[1:])])
+        return [out for share in shares for out in share]
+
+    def generate_shares(self, shares: list) -> list:
+        """Engine i answers shares[i] = (prompts, params); its seconds go to busy[i]."""
+        self.send("generate", shares)
+        replies = self.receive("generate")
+        self.busy = [b + seconds for b, (_, seconds) in zip(self.busy, replies)]
+        return [outs for outs, _ in replies]
 
     def stop(self) -> None:
         stop_engines(self.cluster)
@@ -1501,13 +1530,15 @@ def sync_weights(cfg: Config, llm, policy: Policy) -> dict:
 
 # =============================================================================== The overlap thread and answer checking
 class Rollouts:
-    """The driver's batches, made in step order. With max_staleness K >= 1 a thread asks the
-    engines for the batch of step n + K (all its dynamic-sampling rounds) as step n begins,
-    while the trainers learn on step n's; with K = 0 a step makes its own batch when it takes
-    it. Weights change only when no batch is being made (idle()): each batch has one version."""
+    """The driver's batches, made in step order, in rounds (collect_batch) or in segments
+    (Streams). With max_staleness K >= 1 a thread asks the engines for the batch of step n + K
+    as step n begins, while the trainers learn on step n's; with K = 0 a step makes its own batch
+    when it takes it. Weights change only between batches (idle(), then weights_loaded()): in
+    rounds each batch has one version; in segments a group running on gets the next."""
 
-    def __init__(self, cfg: Config, llm, sampler: PromptSampler, pool=None):
+    def __init__(self, cfg: Config, llm, sampler: PromptSampler, pool=None, tokenizer=None):
         self.cfg, self.llm, self.sampler, self.pool = cfg, llm, sampler, pool
+        self.streams = Streams(cfg, llm, sampler, tokenizer, pool) if cfg.segment_tokens else None
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="rollouts") if cfg.max_staleness else None
         self.batches: dict[int, Future] = {}  # step -> (rollout, metrics), or the RunError that stopped it
         self.requested, self.engine_version, self.busy = 0, 0, 0.0
@@ -1523,7 +1554,8 @@ class Rollouts:
     def make(self, step: int, version: int):
         t0 = time.time()
         try:
-            rows, responses, all_groups, metrics = collect_batch(self.cfg, self.llm, self.sampler, step, self.pool)
+            rows, responses, all_groups, metrics = self.streams.make(step) if self.streams else \
+                collect_batch(self.cfg, self.llm, self.sampler, step, self.pool)
         except RunError as e:  # dynamic sampling gave up: raised when this step is taken
             return e
         rollout = rollout_arrays(rows, responses, version)
@@ -1534,28 +1566,168 @@ class Rollouts:
         return rollout, metrics | {"time/rollout": seconds}
 
     def take(self, step: int):
-        """This step's batch, waiting for it if it is still being made."""
+        """This step's batch, waiting for it if it is still being made; the batch K steps ahead
+        is started (K = 0: this one, made now)."""
+        self.request_through(step + self.cfg.max_staleness)
         return self.batches.pop(step).result() if self.thread else self.make(step, self.engine_version)
 
     def idle(self) -> None:
         """Wait until no batch is being made (their errors wait for their steps)."""
         wait(self.batches.values())
 
-    def ahead(self) -> dict:
-        """The batches made ahead of the trainers, for a checkpoint (taken when idle)."""
-        return {step: future.result() for step, future in self.batches.items()}
+    def weights_loaded(self, step: int) -> None:
+        """The engines hold the weights after `step` now (loaded while idle)."""
+        self.engine_version = step
+        if self.streams:
+            self.streams.installed(step, next_batch=self.requested + 1)
 
-    def restore(self, ahead: dict, version: int) -> None:
-        for step, batch in ahead.items():
+    def state(self) -> dict:
+        """For a checkpoint (taken when idle): the batches made ahead of the trainers (their
+        weights are gone) and the samples streaming, as plain data."""
+        return {"ahead": {step: future.result() for step, future in self.batches.items()},
+                "streams": self.streams and self.streams.state}
+
+    def restore(self, state: dict, version: int) -> None:
+        for step, batch in state["ahead"].items():
             self.batches[step] = Future()
             self.batches[step].set_result(batch)
-        self.requested, self.engine_version = max([version, *ahead]), version
+        self.requested, self.engine_version = max([version, *state["ahead"]]), version
+        if self.streams:
+            self.streams.state, self.streams.version = state["streams"], version
 
     def close(self) -> None:
         if self.thread:
             self.thread.shutdown(wait=True, cancel_futures=True)
         if self.pool is not None:
             self.pool.shutdown()
+
+
+class Streams:
+    """--segment_tokens C: rollouts as a stream of ticks. In a tick every running sample advances
+    by at most C tokens; at its end finished groups are scored and filtered one by one, freed
+    slots (gen_prompts_per_round of them) refilled in sampler order, each new group placed on the
+    engine with the fewest running tokens. Groups are consumed in sampler order: a batch is the
+    first prompts_per_step informative groups after the last batch's, closed at the tick that
+    finishes them; the groups behind them run on into the next batch, under newer weights once
+    installed. Every choice is a function of the data and of token counts, never of timing, and
+    the state between ticks is plain data (checkpointed at an install): same run, same batches."""
+
+    def __init__(self, cfg: Config, llm, sampler: PromptSampler, tokenizer, pool=None):
+        self.cfg, self.llm, self.sampler, self.tokenizer, self.pool = cfg, llm, sampler, tokenizer, pool
+        self.engines = len(getattr(llm, "ranks", [0]))  # RemoteEngines', or the one in this process
+        self.version = 0
+        # groups drawn, the next one to consume, groups running, finished ones waiting for an earlier
+        # one (None: dropped), informative ones consumed, what the batch being made has seen
+        self.state = {"drawn": 0, "next": 0, "running": [], "finished": {}, "informative": [], "window": self.fresh()}
+
+    def fresh(self) -> dict:
+        return {"ticks": 0, "drawn": 0, "groups": [], "dropped": 0, "tokens": 0}
+
+    def make(self, step: int):
+        """Ticks until the batch of `step` closes: collect_batch's (rows, responses, every group
+        finished meanwhile, stats)."""
+        cfg = self.cfg
+        while len(self.state["informative"]) < cfg.prompts_per_step:
+            self.refill()
+            if not self.state["running"]:
+                raise RunError(f"dynamic sampling: only {len(self.state['informative'])} of {cfg.prompts_per_step} "
+                               f"prompts had mixed outcomes after {self.state['window']['drawn']} groups (step {step}): "
+                               "raise --max_gen_rounds, change the data's difficulty, or run with --dynamic_sampling false")
+            self.absorb(self.tick())
+        st = self.state
+        batch, st["informative"] = st["informative"][:cfg.prompts_per_step], st["informative"][cfg.prompts_per_step:]
+        window, st["window"] = st["window"], self.fresh()
+        finished = len(window["groups"])
+        stats = {"sampling/rounds": window["ticks"], "sampling/groups_generated": finished,
+                 "sampling/groups_kept": len(batch), "sampling/groups_surplus": len(st["informative"]),
+                 "sampling/groups_running": len(st["running"]), "sampling/groups_dropped_stale": window["dropped"],
+                 "sampling/filtered_share": 1 - sum(g["informative"] for g in window["groups"]) / max(finished, 1)}
+        seen = window["groups"] or batch  # a batch of carried groups alone: what they are
+        return ([g["row"] for g in batch], [g["responses"] for g in batch], [g["responses"] for g in seen],
+                stats | {"rollout_tokens": window["tokens"]})
+
+    def refill(self) -> None:
+        """New groups into the free slots, in sampler order, each on the least loaded engine."""
+        st, G = self.state, self.cfg.group_size
+        load = [0] * self.engines
+        for g in st["running"]:
+            load[g["engine"]] += sum(len(g["row"]["prompt_ids"]) + len(s["response_ids"])
+                                     for s in g["samples"] if not s["finish"])
+        room = self.cfg.max_gen_rounds * self.cfg.gen_prompts_per_round - st["window"]["drawn"]  # dynamic sampling's limit
+        for row in self.sampler.next(min(room, self.cfg.gen_prompts_per_round - len(st["running"]))):
+            engine = load.index(min(load))
+            load[engine] += G * len(row["prompt_ids"])
+            st["running"].append({"index": st["drawn"], "row": row, "engine": engine, "born": self.version,
+                                  "segment": 0, "samples": [{"response_ids": [], "vllm_logprobs": [], "versions": [],
+                                                             "finish": None} for _ in range(G)]})
+            st["drawn"], st["window"]["drawn"] = st["drawn"] + 1, st["window"]["drawn"] + 1
+
+    def tick(self) -> list[dict]:
+        """Every running sample one segment further, on its group's engine; returns the groups done."""
+        from vllm import SamplingParams
+        cfg, st = self.cfg, self.state
+        shares, slots = [([], []) for _ in range(self.engines)], [[] for _ in range(self.engines)]
+        for g in st["running"]:
+            for j, s in enumerate(g["samples"]):
+                if not s["finish"]:
+                    shares[g["engine"]][0].append({"prompt_token_ids": g["row"]["prompt_ids"] + s["response_ids"]})
+                    shares[g["engine"]][1].append(SamplingParams(
+                        n=1, temperature=cfg.temperature, top_p=cfg.top_p, logprobs=0,
+                        max_tokens=min(cfg.segment_tokens, cfg.max_response_len - len(s["response_ids"])),
+                        seed=segment_seed(cfg, g["index"], j, g["segment"]) if cfg.per_request_seeds else None))
+                    slots[g["engine"]].append(s)
+        for share, outs in zip(slots, self.generate(shares)):
+            for s, out in zip(share, outs):
+                c = out.outputs[0]
+                s["response_ids"] += c.token_ids.tolist()
+                s["vllm_logprobs"] += c.logprobs.tolist()
+                s["versions"] += [self.version] * len(c.token_ids)
+                if c.finish_reason != "length" or len(s["response_ids"]) >= cfg.max_response_len:
+                    s["finish"] = c.finish_reason
+                st["window"]["tokens"] += len(c.token_ids)
+        st["window"]["ticks"] += 1
+        for g in st["running"]:
+            g["segment"] += 1
+        done = [g for g in st["running"] if all(s["finish"] for s in g["samples"])]
+        st["running"] = [g for g in st["running"] if not all(s["finish"] for s in g["samples"])]
+        return done
+
+    def generate(self, shares: list) -> list:
+        if hasattr(self.llm, "generate_shares"):  # RemoteEngines
+            return self.llm.generate_shares(shares)
+        return [compact(self.llm.generate(*shares[0], use_tqdm=False))]
+
+    def absorb(self, done: list[dict]) -> None:
+        """Score the finished groups, then consume every group now at the head of sampler order."""
+        cfg, st = self.cfg, self.state
+        responses = [[{"response_ids": s["response_ids"], "vllm_logprobs": s["vllm_logprobs"],
+                       "versions": s["versions"], "truncated": s["finish"] == "length",
+                       "text": self.tokenizer.decode(s["response_ids"], skip_special_tokens=True)}
+                      for s in g["samples"]] for g in done]
+        score_responses(cfg, [g["row"] for g in done], responses, self.pool)
+        for g, group in zip(done, responses):
+            correct = sum(r["acc"] for r in group)
+            st["finished"][g["index"]] = {"row": g["row"], "born": g["born"], "responses": group,
+                                         "informative": not cfg.dynamic_sampling or 0 < correct < cfg.group_size}
+            st["window"]["groups"].append(st["finished"][g["index"]])
+        while st["next"] in st["finished"]:
+            g = st["finished"].pop(st["next"])
+            st["next"] += 1
+            if g and g["informative"]:
+                st["informative"].append(g)
+
+    def installed(self, version: int, next_batch: int) -> None:
+        """New weights in the engines (their prefix caches emptied). Groups with tokens too old
+        for the next batch (born before next_batch - 1 - max_token_staleness) are dropped, counted."""
+        st, oldest = self.state, next_batch - 1 - self.cfg.max_token_staleness
+        old = lambda g: g is not None and g["born"] < oldest  # noqa: E731
+        st["window"]["dropped"] += sum(map(old, st["running"] + st["informative"] + list(st["finished"].values())))
+        st["finished"] = {i: None if old(g) else g for i, g in st["finished"].items()}
+        st["finished"] |= {g["index"]: None for g in st["running"] if old(g)}  # passed over when consumed
+        st["running"] = [g for g in st["running"] if not old(g)]
+        st["informative"] = [g for g in st["informative"] if not old(g)]
+        self.absorb([])
+        self.version = version
 
 
 def scoring_pool(workers: int):
@@ -1652,7 +1824,7 @@ def start_up(cfg: Config, cluster: Cluster):
     print(f"run dir {cfg.run_dir} | model {model_path} | {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M"
           f" parameters | {len(cluster.ranks('trainer'))} trainer(s), {len(cluster.ranks('rollout'))} rollout "
           f"process(es) | {len(sampler.rows)} train prompts, {len(val_rows)} held out", flush=True)
-    return tokenizer, policy, Driver(llm, Rollouts(cfg, llm, sampler, pool), val_rows)
+    return tokenizer, policy, Driver(llm, Rollouts(cfg, llm, sampler, pool, tokenizer), val_rows)
 
 
 class RunLog:
@@ -1808,10 +1980,10 @@ def checkpoint_dirs(run_dir: str) -> list[str]:
 
 
 def save_checkpoint(cfg: Config, step: int, policy, tokenizer, optimizer, scheduler, sampler, generator,
-                    ahead: dict | None = None) -> str:
+                    rollouts: dict | None = None) -> str:
     """Model and optimizer, sharded, through torch.distributed.checkpoint (each trainer
     writes its shards); every trainer's RNGs; the driver's scheduler, sampler position,
-    the batches made ahead (max_staleness: their weights are gone) and the config; in model/
+    the rollouts' state (batches made ahead, samples streaming: their weights are gone) and the config; in model/
     the HF config, generation config and tokenizer, with which the checkpoint alone makes an
     HF model (eval/export.py). Written aside, then renamed once all of it is on disk."""
     rank, _ = trainer_rank_and_count()
@@ -1830,7 +2002,7 @@ def save_checkpoint(cfg: Config, step: int, policy, tokenizer, optimizer, schedu
                    os.path.join(tmp, f"rng-{rank}.pt"))
         if rank == 0:
             torch.save({"step": step, "scheduler": scheduler.state_dict(), "sampler": (sampler.epoch, sampler.pos),
-                        "ahead": ahead or {}}, os.path.join(tmp, "trainer_state.pt"))
+                        "rollouts": rollouts or {"ahead": {}, "streams": None}}, os.path.join(tmp, "trainer_state.pt"))
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump({"config": dataclasses.asdict(cfg),
                            "shapes": {k: list(v.shape) for k, v in policy.state_dict().items()}}, f, indent=1)
@@ -1851,8 +2023,8 @@ def save_checkpoint(cfg: Config, step: int, policy, tokenizer, optimizer, schedu
 
 
 def load_checkpoint(cfg: Config, path: str, policy, optimizer, scheduler, sampler, generator,
-                    ahead: dict | None = None) -> int:
-    """Restore everything save_checkpoint wrote (the batches made ahead into `ahead`); refuse,
+                    rollouts: dict | None = None) -> int:
+    """Restore everything save_checkpoint wrote (the rollouts' state into `rollouts`); refuse,
     naming the difference, a checkpoint of another config or model shape. Returns the step
     it was taken after."""
     with open(os.path.join(path, "config.json")) as f:
@@ -1873,8 +2045,8 @@ def load_checkpoint(cfg: Config, path: str, policy, optimizer, scheduler, sample
     if sampler is not None:
         sampler.epoch, sampler.pos = trainer["sampler"]
         sampler.order = sampler.permutation()
-    if ahead is not None:
-        ahead.update(trainer["ahead"])
+    if rollouts is not None:
+        rollouts.update(trainer["rollouts"])
     rng_file = os.path.join(path, f"rng-{trainer_rank_and_count()[0]}.pt")
     if not os.path.exists(rng_file):  # more trainers now than wrote it: what matters, the update order's
         rng_file = os.path.join(path, "rng-0.pt")  # generator, is the same on every trainer (one seed)
@@ -1904,18 +2076,18 @@ def save_hf(policy: Policy, tokenizer, out_dir: str) -> None:
 
 def resume(cfg: Config, driver: Driver | None, policy, optimizer, scheduler, generator) -> int:
     """Continue from the newest complete checkpoint in run_dir, if any: restore the
-    trainers and the batches made ahead, push the weights to the engines, and drop log
+    trainers and the rollouts' state, push the weights to the engines, and drop log
     lines after that step."""
     checkpoints = checkpoint_dirs(cfg.run_dir)
     if not checkpoints:
         return 0
-    ahead = {}
+    rollouts = {}
     step = load_checkpoint(cfg, checkpoints[-1], policy, optimizer, scheduler, driver and driver.rollouts.sampler,
-                           generator, ahead)
+                           generator, rollouts)
     sync_weights(cfg, driver and driver.llm, policy)
     if not driver:
         return step
-    driver.rollouts.restore(ahead, version=step)
+    driver.rollouts.restore(rollouts, version=step)
     log_path = os.path.join(cfg.run_dir, "metrics.jsonl")
     if os.path.exists(log_path):
         with open(log_path) as f:  # a line cut short by a kill fails to parse: dropped with the rest

@@ -47,13 +47,13 @@ def test_each_batch_is_made_by_its_scheduled_weights_while_the_trainers_learn(K,
                                        run_dir="unused")), engines, sampler=None)
     versions = []
     for step in range(1, 9):
-        rollouts.request_through(step + K)
         rollout, _ = rollouts.take(step)
-        versions.append(int(rollout["versions"][0]))
+        versions.append(int(rollout["versions"][0][0]))
         if K and step + K <= 8:  # learning overlaps the making of the batch K steps ahead
             assert making[step + K].wait(timeout=10), f"step {step}: batch {step + K} not made during the update"
         rollouts.idle()
-        engines.version = rollouts.engine_version = step  # sync_weights
+        engines.version = step  # sync_weights
+        rollouts.weights_loaded(step)
     rollouts.close()
     expected = [0] * (K + 1) + list(range(1, 8 - K))  # the weights after step n - 1 - K, the first K + 1 initial
     assert versions == expected == [behaviour_version(n, K) for n in range(1, 9)]
