@@ -29,6 +29,7 @@ from demo.base_model import build_model, build_tokenizer  # noqa: E402
 from train_dapo import Config, Policy, resolve  # noqa: E402
 
 PROMPTS = [[3 + i, 9, 4 + 2 * i, 12] for i in range(10)]
+LONG_PROMPTS = [p * 50 for p in PROMPTS]  # 200 tokens: KV blocks that vLLM's prefix cache keeps
 
 
 def update_config() -> Config:
@@ -139,7 +140,7 @@ def loaded_like_the_file(policy: Policy, model: str) -> None:
 
 def check_sync(out: str, model: str) -> train_dapo.Cluster:
     from vllm import SamplingParams
-    cfg = resolve(Config(model_path=model, nproc_per_node=3, rollout_nodes=1, dtype="float32", max_prompt_len=16,
+    cfg = resolve(Config(model_path=model, nproc_per_node=3, rollout_nodes=1, dtype="float32", max_prompt_len=216,
                          max_response_len=24, weight_sync_bucket_mb=1, run_dir=os.path.dirname(out)))  # 2 buckets
     cluster = train_dapo.join_cluster(cfg)
     if cluster.roles[cluster.rank] == "rollout":
@@ -151,13 +152,17 @@ def check_sync(out: str, model: str) -> train_dapo.Cluster:
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     llm = train_dapo.RemoteEngines(cfg, cluster) if cluster.rank == 0 else None
+    greedy = [{"prompt_token_ids": p} for p in LONG_PROMPTS], SamplingParams(temperature=0, max_tokens=16, logprobs=0)
+    if llm is not None:  # their KV cached under the old weights: the sync must drop it
+        llm.generate(*greedy)
     stats = train_dapo.sync_weights(cfg, llm, policy)
     train_dapo.save_hf(policy, tokenizer, os.path.join(cfg.run_dir, "synced"))
     if llm is not None:
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=16))
+        outs = llm.generate(*greedy)
         llm.stop()
         with open(out, "w") as f:
-            json.dump({"greedy": [o.outputs[0].token_ids.tolist() for o in outs], **stats}, f)
+            json.dump({"greedy": [o.outputs[0].token_ids.tolist() for o in outs],
+                       "logprobs": [o.outputs[0].logprobs.tolist() for o in outs], **stats}, f)
     return cluster
 
 

@@ -10,12 +10,13 @@ import sys
 import time
 from datetime import timedelta
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import start_run
-from distributed_worker import PROMPTS, tiny_policy, update_policy_once
-from train_dapo import Cluster, checkpoint_dirs, make_rollout_engine, process_roles, weight_group
+from distributed_worker import LONG_PROMPTS, tiny_policy, update_policy_once
+from train_dapo import Cluster, checkpoint_dirs, compact, make_rollout_engine, process_roles, weight_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
@@ -55,21 +56,24 @@ def test_two_rank_fsdp2_update_equals_the_one_process_update(tmp_path):
     assert sharded["metrics"]["update_tokens"] == metrics["update_tokens"]
 
 
-def greedy(llm) -> list[list[int]]:
+def greedy(llm) -> tuple[list[list[int]], np.ndarray]:
+    """Greedy answers to prompts longer than a KV block, and their tokens' log-probs."""
     from vllm import SamplingParams
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=16),
-                        use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
+    outs = compact(llm.generate([{"prompt_token_ids": p} for p in LONG_PROMPTS],
+                                SamplingParams(temperature=0, max_tokens=16, logprobs=0), use_tqdm=False))
+    return [o.outputs[0].token_ids.tolist() for o in outs], np.concatenate([o.outputs[0].logprobs for o in outs])
 
 
 def test_synced_engine_answers_like_a_fresh_engine_from_the_saved_weights(tiny_model_dir, tmp_path):
     torchrun(3, "sync", str(tmp_path / "sync.json"), tiny_model_dir)
     synced = json.load(open(tmp_path / "sync.json"))
     assert synced["sync/bytes_per_s"] > 0 and synced["sync/buckets"] > 1  # weights split across broadcasts
-    fresh, _ = make_rollout_engine(str(tmp_path / "synced"), 40, "float32", seed=0)
-    base, _ = make_rollout_engine(tiny_model_dir, 40, "float32", seed=0)
-    assert synced["greedy"] == greedy(fresh)
-    assert synced["greedy"] != greedy(base)  # the sync moved the engine off the base weights
+    fresh, _ = make_rollout_engine(str(tmp_path / "synced"), 240, "float32", seed=0)
+    base, _ = make_rollout_engine(tiny_model_dir, 240, "float32", seed=0)
+    (fresh_tokens, fresh_lp), (base_tokens, _) = greedy(fresh), greedy(base)
+    assert synced["greedy"] == fresh_tokens  # the engine had these prompts cached: the sync dropped that KV
+    assert np.abs(np.concatenate(synced["logprobs"]) - fresh_lp).max() < 1e-4
+    assert synced["greedy"] != base_tokens  # the sync moved the engine off the base weights
 
 
 def test_a_checkpoint_of_two_trainers_loads_exactly_on_one_and_on_three(tmp_path):
@@ -143,15 +147,20 @@ def test_a_killed_process_ends_the_job_naming_it_and_the_rerun_matches(tiny_mode
     the job ends, its last line naming that process, and none of the run's processes is
     left; the same command then resumes from the last checkpoint and logs what an
     uninterrupted run logs, step for step."""
+    kill_and_rerun(tiny_model_dir, tmp_path, victim, straight.metrics, "2 trainer(s), 1 rollout process(es)")
+
+
+def kill_and_rerun(model_dir, tmp_path, victim: str, expected: dict, layout: str, *flags: str) -> None:
+    """start_run(*flags) for 4 steps, `victim` killed -9 once step 2 is logged: the test above."""
     from test_checkpoint import step_metrics
-    proc = start_run(tiny_model_dir, tmp_path, 4)
+    proc = start_run(model_dir, tmp_path, 4, *flags)
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("step    2 |"):
             break
     pid = int(re.search(re.escape(victim) + r" on \S+, pid (\d+)", "".join(lines)).group(1))
-    assert "2 trainer(s), 1 rollout process(es)" in "".join(lines)
+    assert layout in "".join(lines)
     run = descendants(proc.pid)
     os.kill(pid, signal.SIGKILL)
     killed_at = time.time()
@@ -162,11 +171,11 @@ def test_a_killed_process_ends_the_job_naming_it_and_the_rerun_matches(tiny_mode
     assert not any(alive(p) for p in run)
     last = int(os.path.basename(checkpoint_dirs(tmp_path)[-1])[5:])  # a .partial left by the kill is no checkpoint
     assert 1 <= last < 4
-    resumed = start_run(tiny_model_dir, tmp_path, 4)
+    resumed = start_run(model_dir, tmp_path, 4, *flags)
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints' / f'step-{last}'}" in out
-    assert step_metrics(tmp_path) == straight.metrics
+    assert step_metrics(tmp_path) == expected
     assert (tmp_path / "final" / "model.safetensors").exists()
 
 

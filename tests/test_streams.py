@@ -7,10 +7,12 @@ import hashlib
 import pickle
 import random
 import threading
+import sys
 import time
 
 import numpy as np
 import pytest
+import torch
 
 import train_dapo
 from train_dapo import Completion, Config, PromptSampler, Request, Rollouts, resolve
@@ -255,3 +257,87 @@ def test_dynamic_sampling_gives_up_with_the_flag_to_raise(monkeypatch):
     rollouts = Rollouts(cfg, FakeEngines(1), PromptSampler(ROWS, seed=0), tokenizer=Words())
     error = rollouts.take(1)
     assert isinstance(error, train_dapo.RunError) and "after 12 groups" in str(error) and "--max_gen_rounds" in str(error)
+
+
+# ---------------------------------------------------------------- with vLLM: two engines, kills, one engine
+SEGMENTS = ("--segment_tokens", "8", "--rollout_nodes", "2")  # start_run's 3 processes: 1 trainer, 2 engines
+
+
+def streamed_run(model_dir, run_dir, *flags) -> dict:
+    from conftest import start_run
+    from test_checkpoint import step_metrics
+    proc = start_run(model_dir, run_dir, 4, *SEGMENTS, *flags)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "1 trainer(s), 2 rollout process(es)" in out, err[-3000:]
+    return step_metrics(run_dir)
+
+
+@pytest.fixture(scope="module")
+def streamed(tiny_model_dir, tmp_path_factory):
+    """Two engines in segments of 8 tokens, K = 1 and K = 2, uninterrupted."""
+    return {K: streamed_run(tiny_model_dir, tmp_path_factory.mktemp(f"streamed-{K}"), "--max_staleness", str(K))
+            for K in (1, 2)}
+
+
+@pytest.mark.parametrize("K, victim", [(1, "rollout engine 1 (rank 2)"), (2, "trainer 0 (rank 0)")])
+def test_a_killed_engine_or_driver_with_segments_resumes_step_for_step(tiny_model_dir, tmp_path, streamed, K, victim):
+    """Samples in flight at the checkpoint (tokens, versions, engines) carry over: the rerun
+    logs what the uninterrupted run logs, step for step."""
+    from test_distributed import kill_and_rerun
+    kill_and_rerun(tiny_model_dir, tmp_path, victim, streamed[K], "1 trainer(s), 2 rollout process(es)",
+                   *SEGMENTS, "--max_staleness", str(K))
+
+
+def test_two_engines_stream_the_samples_one_engine_in_the_trainers_process_does(tiny_model_dir, tmp_path):
+    """K = 0, segments: the groups split over two engine processes, or all on the engine in the
+    trainer's process; every sample is seeded by its group, sample and segment alone, and vLLM
+    on CPU computes a request the same in any batch: the same metrics, step for step. (On a
+    GPU this needs vLLM's batch-invariant kernels; the choices stay the same either way.)"""
+    from test_checkpoint import step_metrics
+    from test_preemption import run, run_flags
+    two = streamed_run(tiny_model_dir, tmp_path / "two", "--max_staleness", "0")
+    run([sys.executable, "train_dapo.py", *run_flags(tiny_model_dir, tmp_path / "one"), "--total_steps", "4",
+         "--segment_tokens", "8"])
+    one = step_metrics(tmp_path / "one")
+    assert one.keys() == two.keys()
+    for step in one:
+        assert {k: v for k, v in one[step].items() if k.startswith(("reward/", "sampling/", "response/"))} == \
+               {k: v for k, v in two[step].items() if k.startswith(("reward/", "sampling/", "response/"))}, step
+
+
+LONG = [[3 + i % 5, 9, 4 + 2 * (i % 5), 12] * 50 for i in range(6)]  # 200 tokens: KV blocks vLLM caches
+
+
+def sampled(llm, prompts) -> tuple[list, list]:
+    """Greedy tokens and their log-probs (prompt log-probs would skip vLLM's prefix cache)."""
+    from vllm import SamplingParams
+    outs = train_dapo.compact(llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                           SamplingParams(temperature=0, max_tokens=8, logprobs=0), use_tqdm=False))
+    return [o.outputs[0].token_ids.tolist() for o in outs], np.concatenate([o.outputs[0].logprobs for o in outs])
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_a_sync_empties_the_prefix_cache_of_long_prompts(tiny_model_dir, tmp_path, monkeypatch, reset):
+    """A continuation is a prompt longer than a KV block: after a sync the engine must not
+    answer it from KV of the old weights. Prompts of 200 tokens, seen before the sync; after
+    it the engine answers as a fresh engine from the new weights, and without the reset it
+    does not (the check can see stale KV)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    cfg = config(0, max_prompt_len=216, dtype="float32")
+    llm, _ = train_dapo.make_rollout_engine(tiny_model_dir, 240, "float32", seed=0)
+    assert llm.llm_engine.vllm_config.cache_config.block_size < len(LONG[0])
+    sampled(llm, LONG)  # cached under the old weights
+    if not reset:
+        monkeypatch.setattr(llm, "reset_prefix_cache", lambda *args: None)
+    policy = train_dapo.Policy(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=noise))
+    train_dapo.sync_weights(cfg, llm, policy)
+    policy.lm.save_pretrained(tmp_path / "moved")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "moved")
+    fresh, _ = train_dapo.make_rollout_engine(str(tmp_path / "moved"), 240, "float32", seed=0)
+    (live_tokens, live_lp), (fresh_tokens, fresh_lp) = sampled(llm, LONG), sampled(fresh, LONG)
+    agree = live_tokens == fresh_tokens and np.abs(live_lp - fresh_lp).max() < 1e-4
+    assert agree == reset, np.abs(live_lp - fresh_lp).max() if live_tokens == fresh_tokens else "tokens differ"
