@@ -328,7 +328,7 @@ def load_prompts(source: str, tokenizer, max_prompt_len: int) -> list[dict]:
 def segment_seed(cfg: Config, index: int, j: int, segment: int) -> int:
     """With segments: the seed of sample j of the index-th group drawn, in its segment-th segment. A
     function of the data's order alone: the same whichever engine, tick or weights make it."""
-    return int.from_bytes(hashlib.blake2b(f"{cfg.seed},{index},{j},{segment}".encode(), digest_size=7).digest())
+    return int.from_bytes(hashlib.blake2b(f"{cfg.seed},{index},{j},{segment}".encode(), digest_size=7).digest(), "big")
 
 
 def sample_seed(cfg: Config, step: int, round_: int, prompts: int) -> int:
@@ -870,9 +870,8 @@ def resolve(cfg: Config, check_model: bool = True) -> Config:
         need(getattr(cfg, flag) >= 1, flag, "must be at least 1")
     for flag in AT_LEAST_0:
         need(getattr(cfg, flag) >= 0, flag, "cannot be negative")
-    if cfg.max_token_staleness < 0:  # nothing carries at K = 0, as the paper drops its surplus
-        cfg.max_token_staleness = cfg.max_staleness + 2 if cfg.max_staleness else 0
-    need(cfg.max_token_staleness >= cfg.max_staleness, "max_token_staleness", "must be at least --max_staleness")
+    need(cfg.max_token_staleness == -1 or cfg.max_token_staleness >= cfg.max_staleness, "max_token_staleness",
+         "-1 (its default) or at least --max_staleness")
     for flag, choices in CHOICES.items():
         need(getattr(cfg, flag) in choices, flag, "expected one of " + ", ".join(map(repr, choices)))
     need(cfg.wandb_project != "", "wandb_project", "cannot be empty")
@@ -917,6 +916,8 @@ def resolve(cfg: Config, check_model: bool = True) -> Config:
         cfg.gen_prompts_per_round = cfg.prompts_per_step  # one round, every group kept
     if cfg.tis == "auto":
         cfg.tis = "on" if cfg.max_staleness else "off"
+    if cfg.max_token_staleness == -1:  # nothing carries at K = 0, as the paper drops its surplus
+        cfg.max_token_staleness = cfg.max_staleness + 2 if cfg.max_staleness else 0
     cfg.run_dir = cfg.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return cfg
 
@@ -1180,21 +1181,27 @@ class Cluster:
         return f"{title} {self.ranks(role).index(rank)} (rank {rank})"
 
 
-def process_roles(world: int, nproc_per_node: int, rollout_nodes: int) -> list[str]:
+def process_roles(world: int, nproc_per_node: int, rollout_nodes: int, engines_per_node: int = 1) -> list[str]:
     """The role of each global rank. Ranks fill the nodes in order and the last
-    `rollout_nodes` nodes serve rollouts: the first process of each hosts a vLLM engine
-    spanning the node's GPUs, the others stand by (Slurm starts as many processes on every
-    node). On a single node, the last `rollout_nodes` processes stand for those nodes."""
+    `rollout_nodes` nodes serve rollouts: the first `engines_per_node` processes of each
+    host a vLLM engine apiece, the others stand by (Slurm starts as many processes on
+    every node). On a single node, the last `rollout_nodes` processes stand for those nodes."""
     nodes = world // nproc_per_node
     if nodes == 1:
         roles = ["trainer"] * (world - rollout_nodes) + ["rollout"] * rollout_nodes
     else:
         roles = (["trainer"] * (nodes - rollout_nodes) * nproc_per_node
-                 + (["rollout"] + ["standby"] * (nproc_per_node - 1)) * rollout_nodes)
+                 + (["rollout"] * engines_per_node + ["standby"] * (nproc_per_node - engines_per_node)) * rollout_nodes)
     if "trainer" not in roles or len(roles) != world:
         raise ValueError(f"--rollout_nodes {rollout_nodes}: {nodes} node(s) x {nproc_per_node} process(es) "
                          "leave no trainer")
     return roles
+
+
+def engines_per_node(cfg: Config) -> int:
+    """A rollout node's engines: one per --tensor_parallel_size of its --slurm_gpus_per_node,
+    each in a process of its own (a 1.5B model at TP 1: 8 on 8 GPUs); one on a node without."""
+    return max(1, min(cfg.nproc_per_node, cfg.slurm_gpus_per_node // cfg.tensor_parallel_size))
 
 
 def assign_gpus(roles: list[str], rank: int, nproc_per_node: int, tensor_parallel_size: int, gpus: int) -> list[int]:
@@ -1239,7 +1246,7 @@ def join_cluster(cfg: Config) -> Cluster:
     store, rank, world = next(dist.rendezvous("env://"))
     os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # else the weight group's store waits for a server forever
     store.set_timeout(HANG_TIMEOUT)
-    roles = process_roles(world, int(os.environ["LOCAL_WORLD_SIZE"]), cfg.rollout_nodes)
+    roles = process_roles(world, int(os.environ["LOCAL_WORLD_SIZE"]), cfg.rollout_nodes, engines_per_node(cfg))
     take_gpus(cfg, roles, rank)
     cluster = Cluster(roles, rank, init_gloo_process_group(dist.PrefixStore("control", store), rank, world,
                                                            HANG_TIMEOUT), timedelta(minutes=cfg.stall_timeout_min))
@@ -1577,6 +1584,7 @@ class Rollouts:
 
     def weights_loaded(self, step: int) -> None:
         """The engines hold the weights after `step` now (loaded while idle)."""
+        assert all(f.done() for f in self.batches.values()), "weights loaded while a batch was being made"
         self.engine_version = step
         if self.streams:
             self.streams.installed(step, next_batch=self.requested + 1)
@@ -1594,6 +1602,8 @@ class Rollouts:
         self.requested, self.engine_version = max([version, *state["ahead"]]), version
         if self.streams:
             self.streams.state, self.streams.version = state["streams"], version
+            for g in self.streams.state["running"]:  # a resume on fewer engines: theirs go round the rest
+                g["engine"] %= self.streams.engines
 
     def close(self) -> None:
         if self.thread:
@@ -1626,7 +1636,7 @@ class Streams:
     def make(self, step: int):
         """Ticks until the batch of `step` closes: collect_batch's (rows, responses, every group
         finished meanwhile, stats)."""
-        cfg = self.cfg
+        cfg, busy = self.cfg, list(getattr(self.llm, "busy", []))
         while len(self.state["informative"]) < cfg.prompts_per_step:
             self.refill()
             if not self.state["running"]:
@@ -1640,8 +1650,10 @@ class Streams:
         finished = len(window["groups"])
         stats = {"sampling/rounds": window["ticks"], "sampling/groups_generated": finished,
                  "sampling/groups_kept": len(batch), "sampling/groups_surplus": len(st["informative"]),
-                 "sampling/groups_running": len(st["running"]), "sampling/groups_dropped_stale": window["dropped"],
-                 "sampling/filtered_share": 1 - sum(g["informative"] for g in window["groups"]) / max(finished, 1)}
+                 "sampling/groups_running": len(st["running"]), "sampling/groups_dropped_stale": window["dropped"]}
+        stats |= {f"time/engine{i}_generate": b - a for i, (a, b) in enumerate(zip(busy, getattr(self.llm, "busy", [])))}
+        if finished:  # a batch of carried groups alone filtered nothing
+            stats["sampling/filtered_share"] = 1 - sum(g["informative"] for g in window["groups"]) / finished
         seen = window["groups"] or batch  # a batch of carried groups alone: what they are
         return ([g["row"] for g in batch], [g["responses"] for g in batch], [g["responses"] for g in seen],
                 stats | {"rollout_tokens": window["tokens"]})
@@ -1671,8 +1683,8 @@ class Streams:
             for j, s in enumerate(g["samples"]):
                 if not s["finish"]:
                     shares[g["engine"]][0].append({"prompt_token_ids": g["row"]["prompt_ids"] + s["response_ids"]})
-                    shares[g["engine"]][1].append(SamplingParams(
-                        n=1, temperature=cfg.temperature, top_p=cfg.top_p, logprobs=0,
+                    shares[g["engine"]][1].append(SamplingParams(  # the text: decoded once, when finished
+                        n=1, temperature=cfg.temperature, top_p=cfg.top_p, logprobs=0, detokenize=False,
                         max_tokens=min(cfg.segment_tokens, cfg.max_response_len - len(s["response_ids"])),
                         seed=segment_seed(cfg, g["index"], j, g["segment"]) if cfg.per_request_seeds else None))
                     slots[g["engine"]].append(s)
@@ -1682,7 +1694,9 @@ class Streams:
                 s["response_ids"] += c.token_ids.tolist()
                 s["vllm_logprobs"] += c.logprobs.tolist()
                 s["versions"] += [self.version] * len(c.token_ids)
-                if c.finish_reason != "length" or len(s["response_ids"]) >= cfg.max_response_len:
+                if c.finish_reason not in ("stop", "length"):  # abort, error: nothing to train on
+                    raise RunError(f"vLLM ended a rollout request with finish reason {c.finish_reason!r}")
+                if c.finish_reason == "stop" or len(s["response_ids"]) >= cfg.max_response_len:
                     s["finish"] = c.finish_reason
                 st["window"]["tokens"] += len(c.token_ids)
         st["window"]["ticks"] += 1
@@ -2149,7 +2163,8 @@ def first_failure(cfg: Config, nnodes: int, failures: dict) -> str:
     is a witness. In that order: a process killed that a witness names (a stall ends so:
     named by the driver, then killed by the launcher), one killed, one a witness names, the
     first to fail."""
-    cluster = Cluster(process_roles(nnodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes))
+    cluster = Cluster(process_roles(nnodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes,
+                                    engines_per_node(cfg)))
 
     def error(f) -> str:
         message = f.message["message"] if isinstance(f.message, dict) else f.message

@@ -3,6 +3,7 @@ process and one rollout process (one core each on the 2-core machine).
 
     python bench/overlap.py throughput --rounds 2 --steps 12    # 4.5 minutes
     python bench/overlap.py learning --seeds 0 1 2 --steps 40   # ~30 minutes, writes bench/overlap.png
+    python bench/overlap.py tail --steps 12                     # ~15 minutes (and the chain model, once)
 
 throughput: the sides alternate in fresh launches (K = 0, K = 1, then again) on a workload
 where generation and update take about the same time; steps 1-2 are not counted. Prints
@@ -10,6 +11,11 @@ steps per minute, each side's idle share (from the run's own time/ metrics) and 
 learning: the demo task and model, each seed with K = 0, K = 1 with truncated importance
 sampling, K = 1 without it; held-out accuracy at equal steps, and curves against steps and
 against wall-clock.
+tail: a long tail of response lengths (the chain task: worked answers of 12-107 tokens, and a
+base model that writes the working twice one time in ten, past the cap of 128), dynamic
+sampling on and off. Sides: K = 0; K = 1 in whole rounds; K = 1 in segments of 16 tokens
+(--segment_tokens). Prints steps a minute, the ratios, the engine's busy share, per-token
+staleness and the mean importance weight.
 """
 import argparse
 import json
@@ -59,6 +65,36 @@ def throughput(args) -> None:
               f"{mean(side, 'time/rollout'):.2f} | {learn:.2f} | {mean(side, 'time/sync'):.2f} | "
               f"{mean(side, 'time/trainer_wait_share'):.0%} | {mean(side, 'time/rollout_idle_share'):.0%} |")
     print(f"\n{len(rows['K=0'])} counted steps a side ({args.rounds} launches x steps 3-{args.steps}).")
+
+
+CHAIN_MODEL = os.path.join(ROOT, ".cache", "base-model-chain")  # bench/ablation.py's
+TAIL = ["--model_path", CHAIN_MODEL, "--train_data", "chain:train", "--val_data", "", "--max_response_len", "128",
+        "--overlong_cache_len", "16", "--prompts_per_step", "16", "--gen_prompts_per_round", "32",
+        "--mini_batch_size", "64", "--lr", "2e-4"]
+TAIL_SIDES = {"K=0": ["--max_staleness", "0"], "K=1, rounds": ["--max_staleness", "1"],
+              "K=1, segments": ["--max_staleness", "1", "--segment_tokens", "16"]}
+
+
+def tail(args) -> None:
+    sys.path.insert(0, ROOT)
+    from demo.base_model import ensure_base_model
+    ensure_base_model(CHAIN_MODEL, task="chain")
+    print("| dynamic sampling | side | steps/min | x K=0 | x K=1 rounds | engine busy | groups generated "
+          "| staleness (tokens) | TIS weight |\n|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for ds in ("true", "false"):
+            rates = {}
+            for side, flags in TAIL_SIDES.items():
+                run_dir = os.path.join(tmp, f"{side}-{ds}".replace(", ", "-").replace("=", ""))
+                steps = [m for m in launch(run_dir, [*TAIL, "--dynamic_sampling", ds, "--total_steps", str(args.steps),
+                                                     "--save_every", "1000", *flags]) if m["step"] > 2]
+                mean = lambda key: statistics.mean(m.get(key, 0.0) for m in steps)  # noqa: E731
+                rates[side] = 60 / mean("time/step")
+                print(f"| {ds} | {side} | {rates[side]:.1f} | {rates[side] / rates['K=0']:.2f} | "
+                      f"{rates[side] / rates.get('K=1, rounds', rates[side]):.2f} | "
+                      f"{1 - mean('time/rollout_idle_share'):.0%} | {mean('sampling/groups_generated'):.1f} | "
+                      f"{mean('staleness/mean'):.2f} | {mean('tis/weight_mean'):.3f} |", flush=True)
+    print(f"\nsteps 3-{args.steps} of one launch a side; 1 trainer + 1 engine, one core each.")
 
 
 def learning(args) -> None:
@@ -118,5 +154,7 @@ if __name__ == "__main__":
     ln.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ln.add_argument("--steps", type=int, default=40)
     ln.add_argument("--val_every", type=int, default=10)
+    tl = sub.add_parser("tail")
+    tl.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
-    throughput(args) if args.what == "throughput" else learning(args)
+    {"throughput": throughput, "learning": learning, "tail": tail}[args.what](args)

@@ -11,7 +11,7 @@ import torch
 import train_dapo
 from distributed_worker import tiny_policy, update_batch, update_gradient
 from test_distributed import torchrun
-from train_dapo import assign_gpus, parse_config, process_roles
+from train_dapo import assign_gpus, engines_per_node, parse_config, process_roles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,6 +21,9 @@ LAYOUTS = [
     (["--nproc_per_node", "8", "--rollout_nodes", "1"], 8),
     (["--nproc_per_node", "5", "--rollout_nodes", "1", "--tensor_parallel_size", "4"], 8),
     (["--slurm_nodes", "2", "--rollout_nodes", "1", "--slurm_gpus_per_node", "1"], 1),  # slurm/small.sh on GPUs
+    (["--slurm_nodes", "2", "--nproc_per_node", "8", "--rollout_nodes", "1", "--slurm_gpus_per_node", "8"], 8),
+    (["--slurm_nodes", "2", "--nproc_per_node", "8", "--rollout_nodes", "1", "--slurm_gpus_per_node", "8",
+      "--tensor_parallel_size", "2"], 8),
     (["--slurm_nodes", "16", "--nproc_per_node", "8", "--rollout_nodes", "8", "--tensor_parallel_size", "8",
       "--slurm_gpus_per_node", "8"], 8),                                                 # slurm/qwen2.5-32b.sh
 ]
@@ -30,7 +33,9 @@ LAYOUTS = [
 def test_every_process_of_a_layout_owns_disjoint_gpus(flags, gpus):
     cfg = parse_config(flags + ["--run_dir", "unused"])
     nodes = cfg.slurm_nodes
-    roles = process_roles(nodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes)
+    roles = process_roles(nodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes, engines_per_node(cfg))
+    if nodes > 1:  # every GPU of a rollout node in an engine
+        assert roles.count("rollout") * cfg.tensor_parallel_size == cfg.rollout_nodes * gpus, roles
     for node in range(nodes):
         ranks = range(node * cfg.nproc_per_node, (node + 1) * cfg.nproc_per_node)
         owned = {r: assign_gpus(roles, r, cfg.nproc_per_node, cfg.tensor_parallel_size, gpus) for r in ranks}
@@ -49,6 +54,18 @@ def test_engines_take_the_gpus_after_their_nodes_trainers():
     roles = process_roles(16, 8, 1)  # 2 nodes: a trainer node, a rollout node whose 7 others stand by
     assert assign_gpus(roles, 8, 8, 8, 8) == list(range(8)) and assign_gpus(roles, 9, 8, 8, 8) == []
     assert assign_gpus(roles, 3, 8, 8, 0) == []  # CPU
+    roles = process_roles(16, 8, 1, engines_per_node=4)  # a rollout node of 4 TP-2 engines, 4 processes standing by
+    assert roles[8:] == ["rollout"] * 4 + ["standby"] * 4
+    assert [assign_gpus(roles, r, 8, 2, 8) for r in range(8, 16)] == [[0, 1], [2, 3], [4, 5], [6, 7]] + [[]] * 4
+
+
+@pytest.mark.parametrize("gpus, tp, nproc, engines", [(8, 1, 8, 8), (8, 2, 8, 4), (8, 8, 8, 1), (8, 1, 4, 4),
+                                                       (0, 1, 2, 1), (4, 8, 8, 1)])
+def test_a_rollout_node_holds_an_engine_per_tensor_parallel_share_of_its_gpus(gpus, tp, nproc, engines):
+    cfg = parse_config(["--slurm_gpus_per_node", str(gpus), "--tensor_parallel_size", str(tp), "--nproc_per_node",
+                        str(nproc), "--rollout_nodes", "1", "--slurm_nodes", "2", "--run_dir", "unused"],
+                       check_model=False)
+    assert engines_per_node(cfg) == engines
 
 
 def test_a_layout_needing_more_gpus_than_the_node_has_is_refused_by_flag():

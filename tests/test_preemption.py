@@ -14,7 +14,7 @@ import pytest
 
 from conftest import real_shaped_model
 from test_checkpoint import step_metrics
-from train_dapo import checkpoint_dirs, parse_config, process_roles
+from train_dapo import checkpoint_dirs, engines_per_node, parse_config, process_roles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -183,5 +183,6 @@ def test_the_32b_launch_script_asks_for_the_papers_layout(tmp_path):
     assert (cfg.slurm_nodes, cfg.nproc_per_node, cfg.rollout_nodes, cfg.tensor_parallel_size) == (16, 8, 8, 8)
     assert (cfg.slurm_partition, cfg.slurm_gpus_per_node, cfg.submit) == ("gpu", 8, True)
     assert (cfg.prompts_per_step, cfg.group_size, cfg.max_response_len) == (512, 16, 20480)
-    roles = process_roles(cfg.slurm_nodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes)
+    roles = process_roles(cfg.slurm_nodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes,
+                          engines_per_node(cfg))
     assert (roles.count("trainer"), roles.count("rollout"), roles.count("standby")) == (64, 8, 56)

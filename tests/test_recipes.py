@@ -15,7 +15,7 @@ import torch
 from conftest import real_shaped_model
 from eval.evaluate import largest_tensor_parallel, tensor_parallel_problem, weights_problem
 from slurm.memory_budget import model_shape, trainer_budget
-from train_dapo import assign_gpus, parse_config, process_roles
+from train_dapo import assign_gpus, engines_per_node, parse_config, process_roles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ["Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-32B"]
@@ -60,7 +60,7 @@ def test_every_readme_gpu_command_resolves_with_the_models_config(index, models,
     argv = as_here(readme_commands("train_dapo.py")[index], models, data_dir) + ["--run_dir", "unused"]
     cfg = parse_config(argv)  # the model's context, heads and weights, the data files, every flag
     nodes = max(cfg.slurm_nodes, 1)
-    roles = process_roles(nodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes)
+    roles = process_roles(nodes * cfg.nproc_per_node, cfg.nproc_per_node, cfg.rollout_nodes, engines_per_node(cfg))
     for rank in range(len(roles)):  # the layout fits 8-GPU nodes
         assign_gpus(roles, rank, cfg.nproc_per_node, cfg.tensor_parallel_size, gpus=8)
     assert cfg.dtype == "bfloat16" and cfg.lr <= 1e-5  # a GPU recipe, not the CPU demo's defaults

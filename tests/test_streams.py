@@ -68,7 +68,7 @@ def fake_score(text: str, answer: str) -> dict:
     return {"acc": acc, "score": 2.0 * acc - 1, "timeout": False}
 
 
-ROWS = [{"prompt_ids": [3 + i % 7, 5, 6 + i % 3, 9][: 2 + i % 3], "answer": str(i)} for i in range(40)]
+ROWS = [{"prompt_ids": [3 + i, 5, 6 + i % 3, 9][: 2 + i % 3], "answer": str(i)} for i in range(40)]  # all differ
 
 
 def config(K: int = 1, **overrides) -> Config:
@@ -170,11 +170,8 @@ def test_every_token_is_within_the_staleness_bound_and_drops_are_counted(K):
         assert metrics["sampling/groups_kept"] == cfg.prompts_per_step
     if K == 0:  # nothing carries: every group running at an install is dropped
         assert dropped > 0
-    # a tighter bound drops more, and keeps every token within it
-    tight = config(K, max_token_staleness=K)
-    tight_runs = drive(tight, FakeEngines(2))
-    assert sum(m["sampling/groups_dropped_stale"] for _, m in tight_runs) >= dropped
-    for step, (rollout, _) in enumerate(tight_runs, 1):
+    # the tightest bound keeps every token within it
+    for step, (rollout, _) in enumerate(drive(config(K, max_token_staleness=K), FakeEngines(2)), 1):
         assert (step - 1 - np.concatenate(rollout["versions"])).max() <= K
 
 
@@ -226,14 +223,14 @@ def test_new_groups_go_to_the_engine_with_the_fewest_running_tokens():
     for g in streams.state["running"]:  # placed one by one, each on the least loaded so far (ties: the first)
         assert g["engine"] == load.index(min(load))
         load[g["engine"]] += cfg.group_size * len(g["row"]["prompt_ids"])
-    streams.absorb(streams.tick())
+    streams.tick()
+    streams.state["running"].pop(1)  # as if finished: a slot to refill, its engine's load down
     running_tokens = [sum(len(g["row"]["prompt_ids"]) + len(s["response_ids"]) for g in streams.state["running"]
                       if g["engine"] == e for s in g["samples"] if not s["finish"]) for e in range(3)]
     before = len(streams.state["running"])
     streams.refill()
-    new = streams.state["running"][before:]
-    if new:
-        assert new[0]["engine"] == running_tokens.index(min(running_tokens))
+    assert streams.state["running"][before]["engine"] == running_tokens.index(min(running_tokens))
+    assert running_tokens.index(min(running_tokens)) != 0  # a choice the ties alone would not make
 
 
 def test_each_sample_has_its_own_seed_per_segment():

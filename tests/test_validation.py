@@ -28,7 +28,7 @@ BAD = {  # one bad value for every field that has one
     "overlong_punishment": "perhaps", "overlong_cache_len": "48", "lr": "0", "warmup_steps": "-1",
     "weight_decay": "-0.1", "grad_clip": "0", "mini_batch_size": "7", "gradient_checkpointing": "perhaps",
     "micro_batch_tokens": "10", "val_every": "0", "val_samples": "0", "val_temperature": "-1", "val_top_p": "0",
-    "val_max_problems": "-1", "stall_timeout_min": "0",
+    "val_max_problems": "-1", "stall_timeout_min": "0", "segment_tokens": "-1", "max_token_staleness": "-2",
 }
 FREE = {"run_dir", "slurm_partition", "slurm_account", "slurm_constraint", "base_model_dir"}  # any text will do
 
