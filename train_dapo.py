@@ -182,7 +182,8 @@ class Config:
     rounds). After every segment, finished groups are scored and filtered one by one and freed slots
     refilled; a batch is the first prompts_per_step informative groups in sampler order, and groups
     still running carry over (partial rollouts: their next tokens come from newer weights, each
-    token's version kept; TIS corrects them) within --max_token_staleness"""
+    token's version kept; TIS corrects them) within --max_token_staleness. A tick re-sends every running
+    sample's tokens so far, so give C a good share of max_response_len (BENCHMARKS.md: 1/4 to 1/2)"""
     max_token_staleness: int = -1
     """with segments: the most steps old a trained token may be; groups with older tokens are dropped
     and counted (-1: K at K = 0, so nothing carries over, as the paper drops its surplus; K + 2 else)"""
@@ -323,12 +324,6 @@ def load_prompts(source: str, tokenizer, max_prompt_len: int) -> list[dict]:
     if len(kept) < len(rows):
         print(f"{source}: dropped {len(rows) - len(kept)} prompts longer than {max_prompt_len} tokens")
     return kept
-
-
-def segment_seed(cfg: Config, index: int, j: int, segment: int) -> int:
-    """With segments: the seed of sample j of the index-th group drawn, in its segment-th segment. A
-    function of the data's order alone: the same whichever engine, tick or weights make it."""
-    return int.from_bytes(hashlib.blake2b(f"{cfg.seed},{index},{j},{segment}".encode(), digest_size=7).digest(), "big")
 
 
 def sample_seed(cfg: Config, step: int, round_: int, prompts: int) -> int:
@@ -852,8 +847,8 @@ AT_LEAST_1 = ("total_steps", "save_every", "keep_checkpoints", "slurm_time_min",
               "gen_prompts_per_round", "max_gen_rounds", "tensor_parallel_size", "mini_batch_size",
               "micro_batch_tokens", "val_every", "val_samples")
 AT_LEAST_0 = ("seed", "save_every_min", "slurm_signal_lead_s", "slurm_gpus_per_node", "slurm_max_timeouts",
-              "rollout_nodes", "reward_workers", "max_staleness", "segment_tokens", "eps_high", "warmup_steps", "weight_decay",
-              "val_temperature", "val_max_problems")
+              "rollout_nodes", "reward_workers", "max_staleness", "segment_tokens", "eps_high", "warmup_steps",
+              "weight_decay", "val_temperature", "val_max_problems")
 CHOICES = {"wandb_mode": ("online", "offline", "disabled"), "compute_dtype": ("", "bfloat16", "float32"),
            "dtype": ("auto", "float32", "bfloat16", "float16"), "loss_agg_mode": ("token-mean", "seq-mean-token-mean"),
            "tis": ("auto", "on", "off")}
@@ -1640,9 +1635,10 @@ class Streams:
         while len(self.state["informative"]) < cfg.prompts_per_step:
             self.refill()
             if not self.state["running"]:
-                raise RunError(f"dynamic sampling: only {len(self.state['informative'])} of {cfg.prompts_per_step} "
-                               f"prompts had mixed outcomes after {self.state['window']['drawn']} groups (step {step}): "
-                               "raise --max_gen_rounds, change the data's difficulty, or run with --dynamic_sampling false")
+                kept, drawn = len(self.state["informative"]), self.state["window"]["drawn"]
+                raise RunError(f"dynamic sampling: only {kept} of {cfg.prompts_per_step} prompts had mixed outcomes "
+                               f"after {drawn} groups (step {step}): raise --max_gen_rounds, change the data's "
+                               "difficulty, or run with --dynamic_sampling false")
             self.absorb(self.tick())
         st = self.state
         batch, st["informative"] = st["informative"][:cfg.prompts_per_step], st["informative"][cfg.prompts_per_step:]
@@ -1651,7 +1647,8 @@ class Streams:
         stats = {"sampling/rounds": window["ticks"], "sampling/groups_generated": finished,
                  "sampling/groups_kept": len(batch), "sampling/groups_surplus": len(st["informative"]),
                  "sampling/groups_running": len(st["running"]), "sampling/groups_dropped_stale": window["dropped"]}
-        stats |= {f"time/engine{i}_generate": b - a for i, (a, b) in enumerate(zip(busy, getattr(self.llm, "busy", [])))}
+        stats |= {f"time/engine{i}_generate": after - before
+                  for i, (before, after) in enumerate(zip(busy, getattr(self.llm, "busy", [])))}
         if finished:  # a batch of carried groups alone filtered nothing
             stats["sampling/filtered_share"] = 1 - sum(g["informative"] for g in window["groups"]) / finished
         seen = window["groups"] or batch  # a batch of carried groups alone: what they are
@@ -1665,7 +1662,7 @@ class Streams:
         for g in st["running"]:
             load[g["engine"]] += sum(len(g["row"]["prompt_ids"]) + len(s["response_ids"])
                                      for s in g["samples"] if not s["finish"])
-        room = self.cfg.max_gen_rounds * self.cfg.gen_prompts_per_round - st["window"]["drawn"]  # dynamic sampling's limit
+        room = self.cfg.max_gen_rounds * self.cfg.gen_prompts_per_round - st["window"]["drawn"]  # the rounds' cap
         for row in self.sampler.next(min(room, self.cfg.gen_prompts_per_round - len(st["running"]))):
             engine = load.index(min(load))
             load[engine] += G * len(row["prompt_ids"])
@@ -1742,6 +1739,13 @@ class Streams:
         st["informative"] = [g for g in st["informative"] if not old(g)]
         self.absorb([])
         self.version = version
+
+
+def segment_seed(cfg: Config, index: int, j: int, segment: int) -> int:
+    """With segments: the seed of sample j of the index-th group drawn, in its segment-th segment. A
+    function of the data's order alone: the same whichever engine, tick or weights make it."""
+    key = f"{cfg.seed},{index},{j},{segment}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "big")
 
 
 def scoring_pool(workers: int):

@@ -71,8 +71,7 @@ CHAIN_MODEL = os.path.join(ROOT, ".cache", "base-model-chain")  # bench/ablation
 TAIL = ["--model_path", CHAIN_MODEL, "--train_data", "chain:train", "--val_data", "", "--max_response_len", "128",
         "--overlong_cache_len", "16", "--prompts_per_step", "16", "--gen_prompts_per_round", "32",
         "--mini_batch_size", "64", "--lr", "2e-4"]
-TAIL_SIDES = {"K=0": ["--max_staleness", "0"], "K=1, rounds": ["--max_staleness", "1"],
-              "K=1, segments": ["--max_staleness", "1", "--segment_tokens", "16"]}
+TAIL_SIDES = {"K=0": ["--max_staleness", "0"], "K=1, rounds": ["--max_staleness", "1"]}
 
 
 def tail(args) -> None:
@@ -81,11 +80,13 @@ def tail(args) -> None:
     ensure_base_model(CHAIN_MODEL, task="chain")
     print("| dynamic sampling | side | steps/min | x K=0 | x K=1 rounds | engine busy | groups generated "
           "| staleness (tokens) | TIS weight |\n|---|---|---|---|---|---|---|---|---|")
+    sides = TAIL_SIDES | {f"K=1, segments of {c}": ["--max_staleness", "1", "--segment_tokens", str(c)]
+                          for c in args.segment_tokens}
     with tempfile.TemporaryDirectory() as tmp:
-        for ds in ("true", "false"):
+        for ds in args.dynamic_sampling:
             rates = {}
-            for side, flags in TAIL_SIDES.items():
-                run_dir = os.path.join(tmp, f"{side}-{ds}".replace(", ", "-").replace("=", ""))
+            for side, flags in sides.items():
+                run_dir = os.path.join(tmp, f"{side}-{ds}".replace(", ", "-").replace("=", "").replace(" ", ""))
                 steps = [m for m in launch(run_dir, [*TAIL, "--dynamic_sampling", ds, "--total_steps", str(args.steps),
                                                      "--save_every", "1000", *flags]) if m["step"] > 2]
                 mean = lambda key: statistics.mean(m.get(key, 0.0) for m in steps)  # noqa: E731
@@ -156,5 +157,7 @@ if __name__ == "__main__":
     ln.add_argument("--val_every", type=int, default=10)
     tl = sub.add_parser("tail")
     tl.add_argument("--steps", type=int, default=12)
+    tl.add_argument("--segment_tokens", type=int, nargs="+", default=[16, 32, 64])
+    tl.add_argument("--dynamic_sampling", nargs="+", default=["true", "false"])
     args = parser.parse_args()
     {"throughput": throughput, "learning": learning, "tail": tail}[args.what](args)

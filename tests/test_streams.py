@@ -253,7 +253,8 @@ def test_dynamic_sampling_gives_up_with_the_flag_to_raise(monkeypatch):
     cfg = config(0, max_gen_rounds=2)
     rollouts = Rollouts(cfg, FakeEngines(1), PromptSampler(ROWS, seed=0), tokenizer=Words())
     error = rollouts.take(1)
-    assert isinstance(error, train_dapo.RunError) and "after 12 groups" in str(error) and "--max_gen_rounds" in str(error)
+    assert isinstance(error, train_dapo.RunError)
+    assert "after 12 groups" in str(error) and "--max_gen_rounds" in str(error)
 
 
 # ---------------------------------------------------------------- with vLLM: two engines, kills, one engine
