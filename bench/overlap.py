@@ -31,7 +31,8 @@ LAYOUT = ["--nproc_per_node", "2", "--rollout_nodes", "1", "--wandb_mode", "disa
 # step generates the same amount), 4 updates a step
 BALANCED = ["--dynamic_sampling", "false", "--prompts_per_step", "32", "--mini_batch_size", "64", "--val_data", ""]
 SIDES = {"K=0": ["--max_staleness", "0"], "K=1, TIS": ["--max_staleness", "1", "--tis", "on"],
-         "K=1, no TIS": ["--max_staleness", "1", "--tis", "off"]}
+         "K=1, no TIS": ["--max_staleness", "1", "--tis", "off"],
+         "K=1, segments": ["--max_staleness", "1", "--segment_tokens", "24"]}  # half the demo's cap
 
 
 def launch(run_dir: str, flags: list[str]) -> list[dict]:
@@ -105,7 +106,7 @@ def learning(args) -> None:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            for side, flags in SIDES.items():
+            for side, flags in {side: SIDES[side] for side in args.sides}.items():
                 run_dir = os.path.join(tmp, f"{side}-{seed}".replace(", ", "-").replace("=", "").replace(" ", ""))
                 runs[side, seed] = launch(run_dir, ["--seed", str(seed), "--total_steps", str(args.steps),
                                                     "--val_every", str(args.val_every), *flags])
@@ -114,7 +115,7 @@ def learning(args) -> None:
                       flush=True)
     print("\n| side | val acc at step " + " | ".join(f"{s}" for s in val_steps(runs)) + " | seconds to the last step |")
     print("|---|" + "---|" * (len(val_steps(runs)) + 1))
-    for side in SIDES:
+    for side in args.sides:
         cells = []
         for step in val_steps(runs):
             accs = [acc_at(runs[side, seed], step) for seed in args.seeds]
@@ -124,7 +125,7 @@ def learning(args) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for (side, seed), metrics in runs.items():
         pts = [(m["step"], m.get("time/elapsed", 0.0), m["val/acc"]) for m in metrics if "val/acc" in m]
-        color = {"K=0": "C0", "K=1, TIS": "C1", "K=1, no TIS": "C2"}[side]
+        color = {"K=0": "C0", "K=1, TIS": "C1", "K=1, no TIS": "C2", "K=1, segments": "C3"}[side]
         label = side if seed == args.seeds[0] else None
         axes[0].plot([p[0] for p in pts], [p[2] for p in pts], color=color, label=label, alpha=0.8)
         axes[1].plot([p[1] for p in pts], [p[2] for p in pts], color=color, label=label, alpha=0.8)
@@ -133,8 +134,8 @@ def learning(args) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "bench", "overlap.png"), dpi=90)
-    print("\ncurves: bench/overlap.png")
+    fig.savefig(args.png, dpi=90)
+    print(f"\ncurves: {args.png}")
 
 
 def val_steps(runs) -> list[int]:
@@ -155,6 +156,8 @@ if __name__ == "__main__":
     ln.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ln.add_argument("--steps", type=int, default=40)
     ln.add_argument("--val_every", type=int, default=10)
+    ln.add_argument("--sides", nargs="+", default=list(SIDES)[:3], choices=list(SIDES))
+    ln.add_argument("--png", default=os.path.join(ROOT, "bench", "overlap.png"))
     tl = sub.add_parser("tail")
     tl.add_argument("--steps", type=int, default=12)
     tl.add_argument("--segment_tokens", type=int, nargs="+", default=[16, 32, 64])
