@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite: installs what is missing, then runs every test on CPU (about 18 minutes on
+# The test suite: installs what is missing, then runs every test on CPU (about 24 minutes on
 # 2 cores; as root: the `slurm` tests start a local Slurm, slurm/local_slurm.sh, which installs
 # its packages; `bash scripts/test.sh -m "not slurm"` runs the rest as any user).
 set -euo pipefail
