@@ -432,11 +432,7 @@ def collect_batch(cfg: Config, llm, sampler: PromptSampler, step: int, pool=None
     rows, responses, generated, rounds, all_groups = [], [], 0, 0, []
     while len(rows) < cfg.prompts_per_step:
         if rounds == cfg.max_gen_rounds:
-            raise RunError(
-                f"dynamic sampling: only {len(rows)} of {cfg.prompts_per_step} prompts had mixed outcomes "
-                f"after {rounds} rounds of {cfg.gen_prompts_per_round} (step {step}). The policy solves "
-                "nearly all or nearly none of them: raise --max_gen_rounds or --gen_prompts_per_round, "
-                "change the data's difficulty, or run with --dynamic_sampling false.")
+            raise gave_up(cfg, len(rows), f"{rounds} rounds of {cfg.gen_prompts_per_round}", step)
         round_rows = sampler.next(cfg.gen_prompts_per_round)
         round_out = generate(llm, cfg, round_rows, seed=sample_seed(cfg, step, rounds, len(round_rows)))
         score_responses(cfg, round_rows, round_out, pool)
@@ -452,6 +448,14 @@ def collect_batch(cfg: Config, llm, sampler: PromptSampler, step: int, pool=None
              "sampling/groups_kept": len(rows[:kept]), "sampling/groups_surplus": len(rows[kept:]),
              "sampling/filtered_share": 1 - len(rows) / generated}
     return rows[:kept], responses[:kept], all_groups, stats
+
+
+def gave_up(cfg: Config, kept: int, tried: str, step: int) -> RunError:
+    """Dynamic sampling's end: too few informative groups among those `tried` for one batch."""
+    return RunError(f"dynamic sampling: only {kept} of {cfg.prompts_per_step} prompts had mixed outcomes after "
+                    f"{tried} (step {step}). The policy solves nearly all or nearly none of them: raise "
+                    "--max_gen_rounds or --gen_prompts_per_round, change the data's difficulty, or run with "
+                    "--dynamic_sampling false.")
 
 
 def rollout_arrays(rows, responses, version: int = 0) -> dict:
@@ -856,7 +860,7 @@ CHOICES = {"wandb_mode": ("online", "offline", "disabled"), "compute_dtype": (""
 
 def resolve(cfg: Config, check_model: bool = True) -> Config:
     """Check every flag, alone and against the others, before any process starts or
-    anything loads (a ValueError names the flag); then fill derived values, once.
+    anything loads (a ValueError names the flag); then fill derived values (fill_derived).
     check_model false skips reading the model's config (for tools that need only flags)."""
     def need(ok, flag, why):
         if not ok:
@@ -907,6 +911,11 @@ def resolve(cfg: Config, check_model: bool = True) -> Config:
             raise ValueError(f"--{flag}: {e}") from None
     if check_model:
         fits_model(cfg, need)
+    return fill_derived(cfg)
+
+
+def fill_derived(cfg: Config) -> Config:
+    """The values resolve() derives from the checked flags, once."""
     if not cfg.dynamic_sampling:
         cfg.gen_prompts_per_round = cfg.prompts_per_step  # one round, every group kept
     if cfg.tis == "auto":
@@ -1635,10 +1644,7 @@ class Streams:
         while len(self.state["informative"]) < cfg.prompts_per_step:
             self.refill()
             if not self.state["running"]:
-                kept, drawn = len(self.state["informative"]), self.state["window"]["drawn"]
-                raise RunError(f"dynamic sampling: only {kept} of {cfg.prompts_per_step} prompts had mixed outcomes "
-                               f"after {drawn} groups (step {step}): raise --max_gen_rounds, change the data's "
-                               "difficulty, or run with --dynamic_sampling false")
+                raise gave_up(cfg, len(self.state["informative"]), f"{self.state['window']['drawn']} groups", step)
             self.absorb(self.tick())
         st = self.state
         batch, st["informative"] = st["informative"][:cfg.prompts_per_step], st["informative"][cfg.prompts_per_step:]
